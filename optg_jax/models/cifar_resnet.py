@@ -28,9 +28,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: common.Array, train: bool = False) -> common.Array:
-    conv = lambda f, k, s, p, name: nn.Conv(
-        f, (k, k), strides=(s, s), padding=common.pad(p), use_bias=False,
-        kernel_init=self.kernel_init, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, p, name: common.conv(f, k, s, p, name, self.kernel_init, self.dtype)
     y = conv(self.features, 3, self.strides, 1, "conv1")(x)
     y = nn.relu(common.batch_norm(train, self.dtype, "bn1")(y))
     y = conv(self.features, 3, 1, 1, "conv2")(y)

@@ -61,3 +61,10 @@ def pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:
   Flax's ``'SAME'`` pads a stride-2 3×3 conv on an even input by (0, 1), PyTorch by (1, 1).
   """
   return ((p, p), (p, p))
+
+
+def conv(features: int, kernel: int, strides: int, padding: int, name: str,
+         kernel_init: Initializer, dtype: Dtype) -> nn.Conv:
+  """A bias-free square conv with PyTorch-style symmetric ``padding`` (pixels per side)."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=pad(padding),
+                 use_bias=False, kernel_init=kernel_init, dtype=dtype, name=name)

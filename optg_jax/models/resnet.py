@@ -24,9 +24,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: common.Array, train: bool = False) -> common.Array:
-    conv = lambda f, k, s, p, name: nn.Conv(
-        f, (k, k), strides=(s, s), padding=common.pad(p), use_bias=False,
-        kernel_init=self.kernel_init, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, p, name: common.conv(f, k, s, p, name, self.kernel_init, self.dtype)
     out = 4 * self.features
     y = conv(self.features, 1, 1, 0, "conv1")(x)
     y = nn.relu(common.batch_norm(train, self.dtype, "bn1")(y))
