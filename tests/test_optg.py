@@ -1,0 +1,231 @@
+"""OptG's mask optimizer: the accumulation identity, refresh timing, STE gradients, revival,
+weight decay on pruned weights, exact counts, jit and optax wrappers."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optg_jax as og
+from optg_jax.methods import optg as optg_lib
+
+SPE, EPOCHS = 3, 6
+
+
+def _params(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return {"dense1": {"kernel": jax.random.normal(k[0], (5, 8)), "bias": jnp.zeros(8)},
+          "dense2": {"kernel": jax.random.normal(k[1], (8, 3)), "bias": jnp.zeros(3)}}
+
+
+def _batch(t):
+  k = jax.random.split(jax.random.key(100 + t))
+  return jax.random.normal(k[0], (16, 5)), jax.random.randint(k[1], (16,), 0, 3)
+
+
+def _loss(p, batch):
+  x, y = batch
+  h = jnp.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+  logits = h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _step_fn(tx):
+
+  def step(params, opt_state, batch):
+    w_eff = og.effective_params(params, opt_state)
+    grads = jax.grad(_loss)(w_eff, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, grads
+
+  return step
+
+
+def _lr(t):
+  return 0.1 * (1.0 + jnp.cos(jnp.pi * t / (SPE * EPOCHS))) / 2
+
+
+def _fraction(t):
+  """σ(β(e − E/2)), β = 1, written out independently of optg_jax.schedules."""
+  return 1.0 / (1.0 + math.exp(-(t // SPE - EPOCHS / 2)))
+
+
+class AccumulationTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_scores_equal_minus_sum_of_lr_times_g_times_w(self):
+    tx = optax.chain(og.mask_optimizer(0.8, _lr, SPE, EPOCHS, momentum=0.0), optax.sgd(_lr))
+    params = _params()
+    opt_state = tx.init(params)
+    step = self.variant(_step_fn(tx))
+    expected = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
+    for t in range(SPE * EPOCHS):
+      before = params
+      params, opt_state, grads = step(params, opt_state, _batch(t))
+      eta_s = float(_lr(t)) * _fraction(t)
+      expected = jax.tree.map(lambda e, g, w: e - eta_s * np.asarray(g, np.float64) * np.asarray(w),
+                              expected, grads, before)
+    scores = og.methods.base.find_state(opt_state).scores
+    for name in ("dense1", "dense2"):
+      np.testing.assert_allclose(scores[name]["kernel"], expected[name]["kernel"], rtol=2e-5,
+                                 atol=1e-7)
+      assert scores[name]["bias"] is None
+
+
+def _run(tx, steps, params=None):
+  params = _params() if params is None else params
+  opt_state = tx.init(params)
+  step = jax.jit(_step_fn(tx))
+  history = []
+  for t in range(steps):
+    masks_before = og.get_masks(opt_state)
+    new_params, opt_state, grads = step(params, opt_state, _batch(t))
+    history.append((params, masks_before, grads, new_params))
+    params = new_params
+  return params, opt_state, history
+
+
+def test_mask_changes_only_on_refresh_steps_and_final_count_is_exact():
+  sparsity = 0.7
+  tx = optax.chain(og.mask_optimizer(sparsity, 0.5, SPE, EPOCHS), optax.sgd(0.1))
+  _, opt_state, history = _run(tx, SPE * EPOCHS)
+  masks = [h[1] for h in history] + [og.get_masks(opt_state)]
+  changed = []
+  for t in range(1, len(masks)):
+    diff = any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(masks[t - 1]),
+                                                      jax.tree.leaves(masks[t])))
+    if diff:
+      changed.append(t)
+  assert changed and all(t % SPE == 0 for t in changed), changed
+  n = 5 * 8 + 8 * 3
+  for t, m in enumerate(masks):
+    p_t = sparsity * _fraction((t // SPE) * SPE)
+    kept = sum(int(x.sum()) for x in jax.tree.leaves(m) if x.ndim)
+    assert kept == n - math.floor(p_t * n), (t, kept)
+
+
+def test_pruned_weights_get_zero_loss_gradient_but_keep_score_gradient():
+  tx = optax.chain(og.mask_optimizer(0.5, 0.5, SPE, EPOCHS, momentum=0.0,
+                                     sparsity_schedule=og.schedules.constant(0.5)),
+                   optax.sgd(0.1))
+  params = _params()
+  opt_state = tx.init(params)
+  masks = og.get_masks(opt_state)
+  w_eff = og.effective_params(params, opt_state)
+  grads = jax.grad(_loss)(w_eff, _batch(0))
+  updates, new_state = tx.update(grads, opt_state, params)
+  assert sum(int((~m).sum()) for m in jax.tree.leaves(masks) if m.ndim) == 32
+  state = og.methods.base.find_state(new_state)
+  for name in ("dense1", "dense2"):
+    pruned = ~np.asarray(masks[name]["kernel"])
+    np.testing.assert_array_equal(np.asarray(updates[name]["kernel"])[pruned], 0.0)
+    np.testing.assert_array_equal(np.asarray(w_eff[name]["kernel"])[pruned], 0.0)
+    expected = -0.5 * np.asarray(grads[name]["kernel"] * params[name]["kernel"])
+    np.testing.assert_allclose(np.asarray(state.scores[name]["kernel"])[pruned], expected[pruned],
+                               rtol=1e-6)
+  pruned = ~np.asarray(masks["dense2"]["kernel"])
+  assert pruned.all()  # ties at zero scores go to the earlier leaf, dense1
+  assert np.count_nonzero(np.asarray(state.scores["dense2"]["kernel"])) == pruned.size
+
+
+def test_removed_weights_come_back_with_their_stored_value():
+  """Linear loss -Σ W_eff·c: the criterion of weight i is c_i·W_i, so the mask follows c."""
+  params = {"w": {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}}
+  tx = optax.chain(
+      og.mask_optimizer(0.5, 1.0, momentum=0.0, sparsity_schedule=og.schedules.constant(0.5),
+                        refresh=og.schedules.every_n_steps(1)),
+      optax.add_decayed_weights(0.1), optax.sgd(0.01))
+  opt_state = tx.init(params)
+  favour_first = jnp.array([[1.0, 1.0], [0.0, 0.0]])
+  favour_second = jnp.array([[0.0, 0.0], [10.0, 10.0]])
+  loss = lambda p, c: -jnp.sum(p["w"]["kernel"] * c)
+  history = []
+  for c in [favour_first] * 3 + [favour_second] * 3:
+    grads = jax.grad(loss)(og.effective_params(params, opt_state), c)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    history.append((og.get_masks(opt_state)["w"]["kernel"], params["w"]["kernel"]))
+  np.testing.assert_array_equal(history[2][0], [[True, True], [False, False]])
+  np.testing.assert_array_equal(history[-1][0], [[False, False], [True, True]])
+  revived_at = next(i for i, (m, _) in enumerate(history) if bool(m[1, 0]))
+  w_eff = og.effective_params(params, opt_state)["w"]["kernel"]
+  assert float(w_eff[1, 0]) == float(params["w"]["kernel"][1, 0])
+  assert 0.0 < float(history[revived_at][1][1, 0]) < 3.0  # decayed while pruned, not re-initialised
+
+
+def test_weight_decay_acts_on_pruned_entries():
+  wd, lr = 0.1, 0.5
+  tx = optax.chain(og.mask_optimizer(0.5, lr, SPE, EPOCHS,
+                                     sparsity_schedule=og.schedules.constant(0.5)),
+                   optax.add_decayed_weights(wd), optax.sgd(lr))
+  params = _params()
+  new_params, opt_state, history = _run(tx, 1, params)
+  pruned = ~np.asarray(history[0][1]["dense2"]["kernel"])
+  before = np.asarray(params["dense2"]["kernel"])[pruned]
+  after = np.asarray(new_params["dense2"]["kernel"])[pruned]
+  np.testing.assert_allclose(after, before * (1 - lr * wd), rtol=1e-6)
+  np.testing.assert_allclose(new_params["dense2"]["bias"],
+                             -lr * history[0][2]["dense2"]["bias"], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("wrap", ["multisteps", "apply_if_finite", "inject_hyperparams"])
+def test_works_inside_optax_wrappers(wrap):
+
+  def make(learning_rate):
+    return optax.chain(og.mask_optimizer(0.6, learning_rate, SPE, EPOCHS),
+                       optax.add_decayed_weights(1e-4), optax.sgd(learning_rate, momentum=0.9))
+
+  if wrap == "multisteps":
+    tx = optax.MultiSteps(make(0.1), every_k_schedule=2)
+    steps = 2 * SPE * EPOCHS
+  elif wrap == "apply_if_finite":
+    tx = optax.apply_if_finite(make(0.1), max_consecutive_errors=3)
+    steps = SPE * EPOCHS
+  else:
+    tx = optax.inject_hyperparams(make)(learning_rate=0.1)
+    steps = SPE * EPOCHS
+  params, opt_state, _ = _run(tx, steps)
+  state = og.methods.base.find_state(opt_state)
+  assert int(state.count) == SPE * EPOCHS
+  kept = sum(int(m.sum()) for m in jax.tree.leaves(og.get_masks(opt_state)) if m.ndim)
+  n = 64
+  assert kept == n - math.floor(0.6 * _fraction(SPE * EPOCHS) * n)
+  w_eff = og.effective_params(params, opt_state)
+  assert int(sum(jnp.count_nonzero(w) for w in jax.tree.leaves(w_eff) if w.ndim == 2)) == kept
+
+
+@pytest.mark.parametrize("opt", [optax.adam(1e-2), optax.adamw(1e-2), optax.lion(1e-3)])
+def test_chains_with_other_optimizers(opt):
+  tx = optax.chain(og.mask_optimizer(0.5, 1e-2, SPE, EPOCHS), opt)
+  params, opt_state, _ = _run(tx, SPE * EPOCHS)
+  assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+  pruned = ~og.get_masks(opt_state)["dense1"]["kernel"]
+  assert int(pruned.sum()) > 0
+
+
+def test_state_is_named_tuples_of_arrays():
+  tx = optax.chain(og.mask_optimizer(0.5, 0.1, SPE, EPOCHS), optax.sgd(0.1))
+  state = tx.init(_params())
+  assert isinstance(state[0], optg_lib.MaskOptimizerState)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="sparsity"):
+    og.mask_optimizer(1.0, 0.1, SPE, EPOCHS)
+  with pytest.raises(ValueError, match="total_epochs"):
+    og.mask_optimizer(0.5, 0.1, SPE)
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    og.mask_optimizer(0.5, 0.1, sparsity_schedule=og.schedules.constant(0.5))
+  with pytest.raises(ValueError, match="distribution"):
+    og.mask_optimizer(0.5, 0.1, SPE, EPOCHS, distribution="nope")
+  tx = og.mask_optimizer(0.5, 0.1, SPE, EPOCHS)
+  state = tx.init(_params())
+  with pytest.raises(ValueError, match="params"):
+    tx.update(_params(), state)
+  with pytest.raises(ValueError, match="exactly one"):
+    og.effective_params(_params(), optax.sgd(0.1).init(_params()))
