@@ -1,0 +1,113 @@
+"""The one train step of the design, and a small in-memory training loop built on it.
+
+``train_step`` takes the gradient at the method's effective weights and lets the optax chain
+route it (``og.effective_params``); models with BatchNorm carry ``batch_stats`` alongside.
+``fit`` trains on in-memory NumPy arrays such as the embedded ``mnist_5k`` split; the data-set
+pipelines of :mod:`optg_jax.data` serve the bigger runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optg_jax.methods import base
+
+PyTree = Any
+
+
+def effective_or_dense(params: PyTree, opt_state: Any) -> PyTree:
+  """``og.effective_params`` when the chain holds a sparsity method, else ``params`` (dense)."""
+  return base.effective_params(params, opt_state) if base.has_state(opt_state) else params
+
+
+class TrainState(NamedTuple):
+  """What a step carries: ``params``, ``batch_stats`` (``{}`` without BatchNorm), ``opt_state``."""
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: Any
+
+
+def init(model: nn.Module, tx: optax.GradientTransformation, sample: np.ndarray,
+         seed: int) -> TrainState:
+  """Initialises the model on ``sample`` (a batch, NHWC) and the optimizer on its params."""
+  variables = model.init(jax.random.key(seed), sample, train=False)
+  params = variables["params"]
+  return TrainState(params, variables.get("batch_stats", {}), tx.init(params))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    label_smoothing: float = 0.0) -> Callable[..., tuple[TrainState, jax.Array]]:
+  """``step(state, images, labels) -> (state, loss)``: cross-entropy at the effective weights."""
+
+  def loss_fn(w_eff, batch_stats, images, labels):
+    variables = {"params": w_eff, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, updates.get("batch_stats", {})
+
+  def step(state, images, labels):
+    w_eff = effective_or_dense(state.params, state.opt_state)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        w_eff, state.batch_stats, images, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), loss
+
+  return step
+
+
+def make_eval_step(model: nn.Module) -> Callable[..., jax.Array]:
+  """``eval(state, images, labels) -> number correct`` (int32) with the effective weights."""
+
+  def evaluate(state, images, labels):
+    w_eff = effective_or_dense(state.params, state.opt_state)
+    variables = {"params": w_eff, **({"batch_stats": state.batch_stats}
+                                     if state.batch_stats else {})}
+    logits = model.apply(variables, images, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32)
+
+  return evaluate
+
+
+class FitResult(NamedTuple):
+  """``state`` after training; ``test_accuracy`` per epoch (floats in [0, 1]); ``loss`` per epoch."""
+  state: TrainState
+  test_accuracy: list[float]
+  loss: list[float]
+
+
+def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: Any, *,
+        epochs: int, batch_size: int, seed: int = 0,
+        on_epoch: Callable[[int, TrainState, float, float], None] | None = None) -> FitResult:
+  """Trains on in-memory ``train`` / ``test`` splits (``.images`` NHWC, ``.labels`` int).
+
+  Drops the last partial batch (``steps_per_epoch = len(train) // batch_size``), shuffles with
+  ``seed`` every epoch, and evaluates on the whole test split after each epoch.
+  """
+  steps_per_epoch = len(train.labels) // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size {batch_size} is larger than the {len(train.labels)} examples")
+  state = init(model, tx, train.images[:1], seed)
+  step = jax.jit(make_train_step(model, tx))
+  evaluate = jax.jit(make_eval_step(model))
+  rng = np.random.default_rng(seed)
+  accuracies, losses = [], []
+  for epoch in range(epochs):
+    order = rng.permutation(len(train.labels))
+    total = jnp.zeros(())
+    for b in range(steps_per_epoch):
+      idx = order[b * batch_size:(b + 1) * batch_size]
+      state, loss = step(state, train.images[idx], train.labels[idx])
+      total += loss
+    accuracies.append(int(evaluate(state, test.images, test.labels)) / len(test.labels))
+    losses.append(float(total) / steps_per_epoch)
+    if on_epoch is not None:
+      on_epoch(epoch, state, losses[-1], accuracies[-1])
+  return FitResult(state, accuracies, losses)
