@@ -26,18 +26,13 @@ import jax
 
 from optg_jax._paths import lookup_override, path_str
 
+from optg_jax import _checks
+
 DISTRIBUTIONS = ("uniform", "erk", "global")
 """Names accepted by :func:`layer_sparsities`."""
 
 # Relative slack on weight counts for float rounding when checking that a budget can be met.
 _REL_TOL = 1e-9
-
-
-def _check_sparsity(value: Any, name: str) -> float:
-  value = float(value)
-  if not 0.0 <= value < 1.0:  # also rejects nan
-    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-  return value
 
 
 def _flatten(shapes: Any) -> tuple[list[tuple[str, tuple[int, ...] | None]], Any]:
@@ -67,7 +62,7 @@ def _resolve_overrides(
   """The override of each leaf (``None`` where none applies, and for non-prunable leaves)."""
   overrides = dict(overrides or {})
   for pattern, value in overrides.items():
-    _check_sparsity(value, f"overrides[{pattern!r}]")
+    _checks.sparsity(value, f"overrides[{pattern!r}]")
   names = [name for name, shape in entries if shape is not None]
   for pattern in overrides:
     if not any(re.search(pattern, name) for name in names):
@@ -90,7 +85,7 @@ def uniform(
   Returns:
     ``shapes``' structure with a float sparsity per prunable leaf and ``None`` elsewhere.
   """
-  sparsity = _check_sparsity(sparsity, "sparsity")
+  sparsity = _checks.sparsity(sparsity, "sparsity")
   entries, treedef = _flatten(shapes)
   fixed = _resolve_overrides(entries, overrides)
   values = [
@@ -152,7 +147,7 @@ def erk(
     ValueError: for a bad argument, a non-overridden leaf with no dims or no weights, or
       overrides that make the total budget impossible to meet.
   """
-  sparsity = _check_sparsity(sparsity, "sparsity")
+  sparsity = _checks.sparsity(sparsity, "sparsity")
   power_scale = float(power_scale)
   if not (math.isfinite(power_scale) and power_scale >= 0.0):
     raise ValueError(f"power_scale must be finite and >= 0, got {power_scale!r}.")
@@ -218,7 +213,7 @@ def layer_sparsities(
   if name == "erk":
     return erk(shapes, sparsity, overrides=overrides)
   if name == "global":
-    _check_sparsity(sparsity, "sparsity")
+    _checks.sparsity(sparsity, "sparsity")
     _flatten(shapes)
     if overrides:
       raise ValueError("overrides are not supported with the 'global' distribution.")

@@ -29,6 +29,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from optg_jax import _checks
+
 Schedule = Callable[[chex.Numeric], chex.Numeric]
 """``step -> sparsity`` (float32 scalar), like ``optax.Schedule``."""
 
@@ -38,13 +40,6 @@ Predicate = Callable[[chex.Numeric], chex.Array]
 
 # ---------------------------------------------------------------------------------------------
 # Validation of construction-time (Python) arguments.
-
-
-def _check_sparsity(value: Any, name: str) -> float:
-  value = float(value)
-  if not 0.0 <= value < 1.0:  # also rejects nan
-    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-  return value
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -91,7 +86,7 @@ def constant(sparsity: float) -> Schedule:
   Returns:
     ``step -> sparsity`` as a float32 scalar.
   """
-  sparsity = _check_sparsity(sparsity, "sparsity")
+  sparsity = _checks.sparsity(sparsity, "sparsity")
 
   def schedule(step: chex.Numeric) -> chex.Array:
     return jnp.full(jnp.shape(step), sparsity, dtype=jnp.float32)
@@ -110,8 +105,8 @@ def one_shot(sparsity: float, step: int, initial_sparsity: float = 0.0) -> Sched
   Returns:
     ``t -> initial_sparsity if t < step else sparsity`` as a float32 scalar.
   """
-  sparsity = _check_sparsity(sparsity, "sparsity")
-  initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
+  sparsity = _checks.sparsity(sparsity, "sparsity")
+  initial_sparsity = _checks.sparsity(initial_sparsity, "initial_sparsity")
   boundary = _check_int(step, "step", 0)
 
   def schedule(t: chex.Numeric) -> chex.Array:
@@ -147,8 +142,8 @@ def polynomial(
   Returns:
     ``step -> sparsity`` as a float32 scalar.
   """
-  final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
-  initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
+  final_sparsity = _checks.sparsity(final_sparsity, "final_sparsity")
+  initial_sparsity = _checks.sparsity(initial_sparsity, "initial_sparsity")
   begin_step = _check_int(begin_step, "begin_step", 0)
   end_step = _check_end(end_step, begin_step, "end_step", "begin_step", strict=True)
   if end_step is None:
@@ -212,7 +207,7 @@ def sigmoid(
   Returns:
     ``step -> sparsity`` as a float32 scalar; ``P * sigmoid_fraction(...)(step)``.
   """
-  final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
+  final_sparsity = _checks.sparsity(final_sparsity, "final_sparsity")
   fraction = sigmoid_fraction(steps_per_epoch, total_epochs, beta)
 
   def schedule(step: chex.Numeric) -> chex.Array:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optg_jax import _checks
 from optg_jax import schedules
 from optg_jax.methods import base
 
@@ -101,7 +102,7 @@ def mask_optimizer(
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`MaskOptimizerState`.
   """
-  final = _check_sparsity(sparsity)
+  final = _checks.sparsity(sparsity)
   selection = base.Selection(distribution, exclude, filter_fn, layer_axes, overrides)
   if sparsity_schedule is None:
     _require(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
@@ -140,13 +141,6 @@ def mask_optimizer(
     return updates, MaskOptimizerState(next_step, scores, new_momentum, masks)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_sparsity(sparsity: Any) -> float:
-  sparsity = float(sparsity)
-  if not 0.0 <= sparsity < 1.0:
-    raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-  return sparsity
 
 
 def _require(**kwargs: Any) -> None:
