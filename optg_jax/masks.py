@@ -12,6 +12,7 @@ such trees stay cheap and still line up with the params.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -142,13 +143,37 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
                       masks)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScaledSparsity:
+  """The sparsity ``final · fraction`` of a schedule on its way to a Python-float target.
+
+  At ``fraction >= 1`` the keep count comes from the Python float ``final`` itself (0.98 of
+  25,502,912 is exact), not from its float32 rounding; before that from the float32 product.
+  Not a pytree node: it sits as one leaf in per-leaf sparsity trees.
+  """
+  final: float
+  fraction: Any
+
+
+def keep_count(n: int, sparsity: Any) -> int | jax.Array:
+  """:func:`optg_jax.select.keep_count`, also for a :class:`ScaledSparsity`."""
+  if not isinstance(sparsity, ScaledSparsity):
+    return select.keep_count(n, sparsity)
+  at_target = select.keep_count(n, sparsity.final)
+  fraction = sparsity.fraction
+  if not isinstance(fraction, jax.Array):
+    return at_target if fraction >= 1 else select.keep_count(n, sparsity.final * fraction)
+  on_the_way = select.keep_count(n, (sparsity.final * fraction).astype(jnp.float32))
+  return jnp.where(fraction >= 1, at_target, on_the_way)
+
+
 def _flat_topk(scores: jax.Array, sparsity: Any, axis: int | None) -> jax.Array:
   """Keeps ``n - floor(sparsity·n)`` of a leaf, or of each slice along a stacked layer ``axis``."""
   if axis is None:
-    return select.topk_mask(scores, select.keep_count(scores.size, sparsity))
+    return select.topk_mask(scores, keep_count(scores.size, sparsity))
   moved = jnp.moveaxis(scores, axis, 0)
   per_layer = moved.reshape(moved.shape[0], -1)
-  k = select.keep_count(per_layer.shape[1], sparsity)
+  k = keep_count(per_layer.shape[1], sparsity)
   mask = jax.vmap(select.topk_mask, in_axes=(0, None))(per_layer, k)
   return jnp.moveaxis(mask.reshape(moved.shape), 0, axis)
 
@@ -192,7 +217,7 @@ def global_masks(scores: PyTree, prunable: PyTree, sparsity: Any) -> PyTree:
   """
   pooled = jax.tree.map(lambda keep, s: s if keep else None, prunable, scores, is_leaf=_is_none)
   n = sum(int(np.size(s)) for s in jax.tree_util.tree_leaves(pooled))
-  picked = select.global_topk_masks(pooled, select.keep_count(n, sparsity))
+  picked = select.global_topk_masks(pooled, keep_count(n, sparsity))
   return jax.tree.map(lambda keep, m: m if keep else jnp.array(True), prunable, picked,
                       is_leaf=_is_none)
 

@@ -193,6 +193,19 @@ def sigmoid_fraction(steps_per_epoch: int, total_epochs: int, beta: float = 1.0)
   return schedule
 
 
+def fraction_of_target(schedule: Schedule, final_sparsity: float) -> Schedule:
+  """``step -> schedule(step) / final_sparsity``, the fraction of the target reached (1 where
+  ``final_sparsity`` is 0). Mask builders use it to count exactly at the target itself."""
+  final_sparsity = _checks.sparsity(final_sparsity, "final_sparsity")
+
+  def fraction(step: chex.Numeric) -> chex.Array:
+    if final_sparsity == 0:
+      return jnp.ones((), jnp.float32)
+    return (jnp.asarray(schedule(step), jnp.float32) / final_sparsity).astype(jnp.float32)
+
+  return fraction
+
+
 def sigmoid(
     final_sparsity: float, steps_per_epoch: int, total_epochs: int, beta: float = 1.0
 ) -> Schedule:

@@ -177,10 +177,10 @@ class TopkMaskTreesTest(chex.TestCase):
     params = {"a": jax.random.normal(jax.random.key(0), (10, 10)),
               "b": jax.random.normal(jax.random.key(1), (7, 3)), "bias": jnp.zeros(3)}
     prunable = M.prunable_tree(params)
-    sparsities = {"a": jnp.float32(0.9), "b": jnp.float32(0.5), "bias": None}
+    sparsities = {"a": jnp.float32(0.875), "b": jnp.float32(0.5), "bias": None}
     masks = self.variant(lambda s, sp: M.layerwise_masks(s, prunable, sp))(params, sparsities)
-    assert int(masks["a"].sum()) == 10 and int(masks["b"].sum()) == 21 - 10
-    thr = np.sort(np.ravel(params["a"]))[-10]
+    assert int(masks["a"].sum()) == 100 - 87 and int(masks["b"].sum()) == 21 - 10
+    thr = np.sort(np.ravel(params["a"]))[-13]
     np.testing.assert_array_equal(masks["a"], params["a"] >= thr)
 
   def test_stacked_kernels_are_pruned_per_layer(self):

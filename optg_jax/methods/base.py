@@ -28,14 +28,15 @@ def register_state(state_type: type, effective_fn: EffectiveFn | None = None) ->
   return state_type
 
 
-def _is_method_state(x: Any) -> bool:
+def is_method_state(x: Any) -> bool:
+  """Whether ``x`` is the state of a registered sparsity method."""
   return type(x) in _STATE_TYPES
 
 
 def has_state(opt_state: Any) -> bool:
   """Whether ``opt_state`` holds a sparsity-method state anywhere."""
-  return any(_is_method_state(x)
-             for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_method_state))
+  return any(is_method_state(x)
+             for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_method_state))
 
 
 def find_state(opt_state: Any) -> Any:
@@ -45,8 +46,8 @@ def find_state(opt_state: Any) -> Any:
   Raises:
     ValueError: ``opt_state`` holds no sparsity-method state, or more than one.
   """
-  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_method_state)
-           if _is_method_state(x)]
+  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_method_state)
+           if is_method_state(x)]
   if len(found) != 1:
     names = ", ".join(t.__name__ for t in _STATE_TYPES)
     raise ValueError(
@@ -121,21 +122,24 @@ class Selection:
   def prunable(self, params: PyTree) -> PyTree:
     return masks_lib.prunable_tree(params, exclude=self.exclude, filter_fn=self.filter_fn)
 
-  def masks(self, scores: PyTree, params: PyTree, sparsity: Any, final_sparsity: float) -> PyTree:
-    """Top-k masks of ``scores`` at ``sparsity`` (maybe traced) for a run that ends at
-    ``final_sparsity``: per-leaf targets are solved once at the final sparsity and scaled by
-    ``sparsity / final_sparsity`` on the way there, as gradual schedules do per layer."""
+  def masks(self, scores: PyTree, params: PyTree, fraction: Any, final_sparsity: float) -> PyTree:
+    """Top-k masks of ``scores`` at ``fraction`` (maybe traced) of the way to ``final_sparsity``.
+
+    Per-leaf targets are solved once at the final sparsity and each is scaled by ``fraction``,
+    as gradual schedules do per layer; at ``fraction >= 1`` the counts are exact for the Python
+    float targets (see :class:`optg_jax.masks.ScaledSparsity`).
+    """
     prunable = self.prunable(params)
     if self.distribution == "global":
-      return masks_lib.global_masks(scores, prunable, sparsity)
+      return masks_lib.global_masks(scores, prunable,
+                                    masks_lib.ScaledSparsity(final_sparsity, fraction))
     axes = masks_lib.layer_axis_tree(params, prunable, self.layer_axes)
     shapes = jax.tree.map(
         lambda keep, p, axis: _layer_shape(p, axis) if keep else None, prunable, params, axes,
         is_leaf=lambda x: x is None)
     finals = distributions.layer_sparsities(self.distribution, shapes, final_sparsity,
                                             overrides=self.overrides)
-    scale = sparsity / final_sparsity if final_sparsity > 0 else 0.0
-    per_leaf = jax.tree.map(lambda s: sparsity if s == final_sparsity else s * scale, finals)
+    per_leaf = jax.tree.map(lambda s: masks_lib.ScaledSparsity(s, fraction), finals)
     return masks_lib.layerwise_masks(scores, prunable, per_leaf, axes)
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optg_jax import _checks
+from optg_jax import masks as masks_lib
 from optg_jax import schedules
 from optg_jax.methods import base
 
@@ -40,6 +42,11 @@ class PruningState(NamedTuple):
 base.register_state(PruningState)
 
 
+def _at_target(step: Any) -> float:
+  del step
+  return 1.0
+
+
 def _magnitude_score(params: PyTree, grads: PyTree, aux: PyTree) -> PyTree:
   del grads, aux
   return jax.tree.map(jnp.abs, params)
@@ -47,22 +54,23 @@ def _magnitude_score(params: PyTree, grads: PyTree, aux: PyTree) -> PyTree:
 
 def _pruner(
     final: float,
-    sparsity_fn: schedules.Schedule,
+    fraction_fn: Callable[[Any], Any],
     refresh: schedules.Predicate,
     selection: base.Selection,
     score_fn: ScoreFn = _magnitude_score,
     init_aux: Callable[[PyTree, PyTree], PyTree] = lambda params, prunable: None,
     update_aux: Callable[[PyTree, PyTree, jax.Array], PyTree] = lambda aux, grads, count: aux,
 ) -> optax.GradientTransformation:
-  """Masks from ``score_fn(params, grads, aux)`` by top-k at ``sparsity_fn(t)`` when ``refresh``."""
+  """Masks from ``score_fn(params, grads, aux)``, top-k at ``fraction_fn(t)`` of the way to
+  the ``final`` sparsity, whenever ``refresh(t)``."""
 
   def init_fn(params):
     prunable = selection.prunable(params)
     aux = init_aux(params, prunable)
     masks = jax.lax.cond(
         refresh(0),
-        lambda: selection.masks(score_fn(params, None, aux), params, sparsity_fn(0), final),
-        lambda: base.masks_lib.all_keep(params, prunable))
+        lambda: selection.masks(score_fn(params, None, aux), params, fraction_fn(0), final),
+        lambda: masks_lib.all_keep(params, prunable))
     return PruningState(jnp.zeros((), jnp.int32), masks, aux)
 
   def update_fn(grads, state, params=None):
@@ -71,7 +79,7 @@ def _pruner(
     next_step = state.count + 1
     masks = jax.lax.cond(
         refresh(next_step),
-        lambda: selection.masks(score_fn(params, grads, aux), params, sparsity_fn(next_step),
+        lambda: selection.masks(score_fn(params, grads, aux), params, fraction_fn(next_step),
                                 final),
         lambda: state.masks)
     return base.mask_gradients(grads, state.masks), PruningState(next_step, masks, aux)
@@ -107,7 +115,7 @@ def gmp(
   sparsity_fn = schedules.polynomial(sparsity, begin_step, end_step, frequency,
                                      initial_sparsity, power)
   refresh = schedules.every_n_steps(frequency, begin_step, end_step + 1)
-  return _pruner(float(sparsity), sparsity_fn, refresh,
+  return _pruner(float(sparsity), schedules.fraction_of_target(sparsity_fn, sparsity), refresh,
                  base.Selection(distribution, **selection_kwargs))
 
 
@@ -122,7 +130,7 @@ def magnitude(
     distribution: ``'global'``, ``'uniform'`` or ``'erk'``.
     **selection_kwargs: as in :func:`gmp`.
   """
-  return _pruner(float(sparsity), schedules.constant(sparsity), schedules.in_window(step, step + 1),
+  return _pruner(_checks.sparsity(sparsity), _at_target, schedules.in_window(step, step + 1),
                  base.Selection(distribution, **selection_kwargs))
 
 
@@ -144,7 +152,7 @@ def random_pruning(
     random = [jax.random.uniform(k, jnp.shape(p)) for k, p in zip(keys, leaves)]
     return base.only_prunable(prunable, jax.tree.unflatten(treedef, random))
 
-  return _pruner(float(sparsity), schedules.constant(sparsity), schedules.in_window(0, 1),
+  return _pruner(_checks.sparsity(sparsity), _at_target, schedules.in_window(0, 1),
                  base.Selection(distribution, **selection_kwargs),
                  score_fn=lambda params, grads, aux: aux, init_aux=init_aux)
 
@@ -169,14 +177,13 @@ def snip(
   if num_batches < 1:
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
   selection = base.Selection(distribution, **selection_kwargs)
-  final = float(sparsity)
-  constant = schedules.constant(sparsity)
+  final = _checks.sparsity(sparsity)
 
   def init_fn(params):
     prunable = selection.prunable(params)
     zeros = jax.tree.map(lambda keep, p: jnp.zeros(jnp.shape(p), jnp.float32) if keep else None,
                          prunable, params)
-    return PruningState(jnp.zeros((), jnp.int32), base.masks_lib.all_keep(params, prunable),
+    return PruningState(jnp.zeros((), jnp.int32), masks_lib.all_keep(params, prunable),
                         zeros)
 
   def update_fn(grads, state, params=None):
@@ -186,7 +193,7 @@ def snip(
     masks = jax.lax.cond(
         state.count == num_batches - 1,
         lambda: selection.masks(base.map_prunable(lambda a, w: jnp.abs(a * w), aux, params), params,
-                                constant(state.count), final),
+                                1.0, final),
         lambda: state.masks)
     return base.mask_gradients(grads, masks), PruningState(state.count + 1, masks, aux)
 

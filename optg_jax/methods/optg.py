@@ -15,7 +15,9 @@ Supermask training folded into gradient-driven pruning. Each prunable weight ``W
 The defaults follow the authors' code (github.com/zyxxmu/OptG at dae1970): sigmoid staircase
 ``p_e = P·σ(β(e − E/2))`` with β = 1, refresh once per epoch, all kernels in one global pool.
 One deliberate difference: the code keeps every score tied at the threshold (so it may keep more
-than ``k``); here exactly ``k = N − floor(p·N)`` are kept, ties going to the earlier weight.
+than ``k``); here exactly ``k = N − floor(p·N)`` are kept, ties going to the earlier weight. The
+initial all-zero scores are the one big tie where that matters, so the mask starts dense, as in
+the code.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from optg_jax import _checks
+from optg_jax import masks as masks_lib
 from optg_jax import schedules
 from optg_jax.methods import base
 
@@ -106,10 +109,9 @@ def mask_optimizer(
   selection = base.Selection(distribution, exclude, filter_fn, layer_axes, overrides)
   if sparsity_schedule is None:
     _require(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
-    sparsity_schedule = schedules.sigmoid(final, steps_per_epoch, total_epochs, beta)
     fraction = schedules.sigmoid_fraction(steps_per_epoch, total_epochs, beta)
   else:
-    fraction = lambda t: sparsity_schedule(t) / final if final > 0 else jnp.ones((), jnp.float32)
+    fraction = schedules.fraction_of_target(sparsity_schedule, final)
   if refresh is None:
     _require(steps_per_epoch=steps_per_epoch)
     refresh = schedules.epoch_boundaries(steps_per_epoch)
@@ -119,7 +121,9 @@ def mask_optimizer(
     prunable = selection.prunable(params)
     scores = jax.tree.map(lambda keep, p: jnp.zeros(jnp.shape(p), jnp.float32) if keep else None,
                           prunable, params)
-    masks = selection.masks(scores, params, sparsity_schedule(0), final)
+    # All scores start at 0, one big tie, which the reference keeps whole (it keeps every score
+    # >= the threshold): the first epoch trains the dense network.
+    masks = masks_lib.all_keep(params, prunable)
     return MaskOptimizerState(jnp.zeros((), jnp.int32), scores, scores, masks)
 
   def update_fn(grads, state, params=None):
@@ -135,7 +139,7 @@ def mask_optimizer(
     next_step = state.count + 1
     masks = jax.lax.cond(
         refresh(next_step),
-        lambda: selection.masks(scores, params, sparsity_schedule(next_step), final),
+        lambda: selection.masks(scores, params, fraction(next_step), final),
         lambda: state.masks)
     updates = base.mask_gradients(grads, state.masks)
     return updates, MaskOptimizerState(next_step, scores, new_momentum, masks)
