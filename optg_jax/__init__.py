@@ -3,12 +3,15 @@
 from optg_jax import distributions
 from optg_jax import masks
 from optg_jax import methods
+from optg_jax import parallel
 from optg_jax import schedules
 from optg_jax import select
 from optg_jax.masks import apply_masks
 from optg_jax.masks import sparsity_summary
 from optg_jax.methods.base import effective_params
 from optg_jax.methods.base import get_masks
+from optg_jax.methods.final import final_masks
+from optg_jax.methods.final import with_masks
 from optg_jax.methods.magnitude import gmp
 from optg_jax.methods.magnitude import magnitude
 from optg_jax.methods.magnitude import random_pruning
@@ -21,15 +24,18 @@ __all__ = (
     "apply_masks",
     "distributions",
     "effective_params",
+    "final_masks",
     "get_masks",
     "gmp",
     "magnitude",
     "mask_optimizer",
     "masks",
     "methods",
+    "parallel",
     "random_pruning",
     "schedules",
     "select",
     "snip",
     "sparsity_summary",
+    "with_masks",
 )

@@ -8,7 +8,7 @@ pipelines of :mod:`optg_jax.data` serve the bigger runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -111,3 +111,51 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
     if on_epoch is not None:
       on_epoch(epoch, state, losses[-1], accuracies[-1])
   return FitResult(state, accuracies, losses)
+
+
+Batch = dict[str, np.ndarray]
+
+
+def run_steps(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainState,
+              batches: Iterator[Batch], num_steps: int,
+              on_step: Callable[[int, jax.Array], None] | None = None
+              ) -> tuple[TrainState, jax.Array]:
+  """Runs ``num_steps`` steps of ``step(state, images, labels)`` on ``next(batches)``.
+
+  ``batches`` yields ``{'image': (B, H, W, C), 'label': (B,)}`` (an ``optg_jax.data.load``
+  iterator). ``on_step(i, loss)`` sees each step's loss as a device scalar; reading it on the
+  host waits for the step. Returns the state and the mean loss, a device scalar.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for i in range(num_steps):
+    batch = next(batches)
+    state, loss = step(state, batch["image"], batch["label"])
+    total += loss
+    if on_step is not None:
+      on_step(i, loss)
+  return state, total / max(num_steps, 1)
+
+
+def evaluate(eval_step: Callable[..., jax.Array], state: TrainState, batches: Iterable[Batch],
+             batch_size: int) -> float:
+  """Accuracy in [0, 1] of ``eval_step`` (:func:`make_eval_step`, jitted or data parallel).
+
+  A batch shorter than ``batch_size`` is padded with zero images labelled ``-1``, which match no
+  class, so one compiled shape serves every batch and a mesh can split it evenly.
+
+  Raises:
+    ValueError: ``batches`` is empty, or a batch is larger than ``batch_size``.
+  """
+  correct, total = jnp.zeros((), jnp.int32), 0
+  for batch in batches:
+    n = len(batch["label"])
+    if n > batch_size:
+      raise ValueError(f"a batch of {n} examples exceeds batch_size={batch_size}")
+    pad = [(0, batch_size - n)]
+    images = np.pad(batch["image"], pad + [(0, 0)] * (np.ndim(batch["image"]) - 1))
+    labels = np.pad(np.asarray(batch["label"], np.int32), pad, constant_values=-1)
+    correct += eval_step(state, images, labels)
+    total += n
+  if total == 0:
+    raise ValueError("evaluate needs at least one example")
+  return int(correct) / total

@@ -1,0 +1,316 @@
+"""The main job, examples/train.py: every method, metrics, summary and plots, exact resume, bad
+input; and what it is built from (final masks, FLOPs, the summary table)."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import optg_jax
+from optg_jax import data
+from optg_jax import masks as masks_lib
+from optg_jax import models
+from optg_jax import presets
+from optg_jax import report
+from optg_jax import schedules
+from optg_jax import training
+from optg_jax.methods import final
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SPARSITY = 0.9
+SPE = 4  # 200 examples, batch 50
+KEPT = 26_620  # of LeNet-300-100's 266,200 kernel weights at 90 %, globally and per layer
+
+
+def _load_train_module():
+  spec = importlib.util.spec_from_file_location("optg_train_job", ROOT / "examples" / "train.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+train = _load_train_module()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  data.data_source("mnist5k", "train", data_dir=path)
+  return str(path)
+
+
+def _tiny(data_dir, *flags, epochs=1):
+  return ["--sparsity", str(SPARSITY), "--train-examples", "200", "--test-examples", "100",
+          "--batch-size", "50", "--epochs", str(epochs), "--data-dir", data_dir, *flags]
+
+
+def _run(argv):
+  assert train.main([str(a) for a in argv]) == 0
+
+
+def _metrics(workdir):
+  return report.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+
+
+def _final_checkpoint(workdir):
+  with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints") as mngr:
+    step = mngr.latest_step()
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, state["state"]
+
+
+@pytest.mark.parametrize("method", presets.METHODS)
+def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
+  _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline"))
+  (record,) = _metrics(tmp_path)
+  assert (record["epoch"], record["step"]) == (1, SPE)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert 0.0 <= summary["sparse_accuracy"] <= 1.0
+  kept = summary["report"]["kept"]
+  if method == "dense":
+    assert kept == 266_200 and summary["dense_accuracy"] == summary["sparse_accuracy"]
+  elif method == "gmp":  # a 1-epoch budget ends its cubic schedule before the first refresh
+    assert KEPT <= kept <= 266_200
+  else:
+    assert kept == KEPT
+  assert _final_checkpoint(tmp_path)[0] == SPE
+
+
+def test_metrics_jsonl_has_one_line_per_epoch(tmp_path, data_dir):
+  _run(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path, "--no-dense-baseline",
+             epochs=2))
+  records = _metrics(tmp_path)
+  assert [set(r) for r in records] == [{"epoch", "step", "loss", "test_accuracy", "sparsity",
+                                        "lr", "seconds"}] * 2
+  assert [(r["epoch"], r["step"]) for r in records] == [(1, SPE), (2, 2 * SPE)]
+  lr = presets.warmup_cosine_per_epoch(0.1, SPE, 2)
+  assert [r["lr"] for r in records] == pytest.approx([float(lr(0)), float(lr(SPE))])
+  # The mask each epoch ends with is the one refreshed for the next epoch: P·σ(e − E/2).
+  assert [r["sparsity"] for r in records] == pytest.approx(
+      [SPARSITY * 0.5, SPARSITY / (1 + math.exp(-1))], abs=1e-5)
+  assert 0 < records[0]["seconds"] < records[1]["seconds"]
+  assert all(np.isfinite(r["loss"]) and 0 <= r["test_accuracy"] <= 1 for r in records)
+
+
+def test_dense_baseline_summary_and_plots(tmp_path, data_dir, capsys):
+  _run(_tiny(data_dir, "--method", "snip", "--workdir", tmp_path, "--dense-baseline"))
+  out = capsys.readouterr().out
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  dense = json.loads((tmp_path / "dense" / "result.json").read_text())
+  assert summary["dense_accuracy"] == dense["test_accuracy"] == _metrics(
+      tmp_path / "dense")[-1]["test_accuracy"]
+  assert f"{100 * summary['dense_accuracy']:.2f}%" in out
+  assert f"{100 * summary['sparse_accuracy']:.2f}%" in out
+  assert "fc1/kernel" in out and "FLOPs" in out
+  assert (tmp_path / "summary.txt").read_text().strip() in out
+  for name in ("accuracy_sparsity.png", "layer_density.png"):
+    png = (tmp_path / name).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, channels = matplotlib.image.imread(tmp_path / name).shape
+    assert height > 100 and width > 100 and channels in (3, 4)
+
+
+def _same_outcome(a, b):
+  step_a, ckpt_a = _final_checkpoint(a)
+  step_b, ckpt_b = _final_checkpoint(b)
+  assert step_a == step_b
+  assert jax.tree_util.tree_structure(ckpt_a) == jax.tree_util.tree_structure(ckpt_b)
+  for x, y in zip(jax.tree.leaves(ckpt_a), jax.tree.leaves(ckpt_b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise
+  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert strip(_metrics(a)) == strip(_metrics(b))
+  assert (pathlib.Path(a) / "result.json").read_text() == (
+      pathlib.Path(b) / "result.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _run(_tiny(data_dir, "--method", "optg", "--workdir", workdir, "--no-dense-baseline",
+             epochs=3))
+  return workdir
+
+
+def test_resume_after_a_stop_ends_as_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+  _run(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path, "--no-dense-baseline",
+             "--stop-after", 1, epochs=3))
+  assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
+  _run(["--resume", "--workdir", tmp_path, "--data-dir", data_dir])  # settings from the workdir
+  _same_outcome(tmp_path, uninterrupted)
+
+
+def test_resume_after_a_crash_mid_epoch(tmp_path, data_dir, uninterrupted, monkeypatch):
+  run_steps, calls = training.run_steps, []
+
+  def crash_in_second_epoch(step, state, batches, num_steps, on_step=None):
+    calls.append(num_steps)
+    if len(calls) == 2:
+      run_steps(step, state, batches, 2)  # half an epoch, then the machine goes away
+      raise RuntimeError("preempted")
+    return run_steps(step, state, batches, num_steps, on_step)
+
+  monkeypatch.setattr(training, "run_steps", crash_in_second_epoch)
+  with pytest.raises(RuntimeError, match="preempted"):
+    train.main(_tiny(data_dir, "--method", "optg", "--workdir", str(tmp_path),
+                     "--no-dense-baseline", epochs=3))
+  monkeypatch.setattr(training, "run_steps", run_steps)
+  assert _final_checkpoint(tmp_path)[0] == SPE
+  _run(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path, "--resume",
+             "--no-dense-baseline", epochs=3))
+  _same_outcome(tmp_path, uninterrupted)
+
+
+BAD_INPUTS = {
+    "unknown method": ["--method", "prune-it"],
+    "unknown model": ["--model", "lenet5"],
+    "unknown dataset": ["--dataset", "svhn"],
+    "sparsity 1": ["--sparsity", "1.0"],
+    "negative sparsity": ["--sparsity", "-0.1"],
+    "sparsity not a number": ["--sparsity", "most"],
+    "zero epochs": ["--epochs", "0"],
+    "negative epochs": ["--epochs", "-2"],
+    "zero batch size": ["--batch-size", "0"],
+    "batch larger than the data": ["--train-examples", "20", "--batch-size", "50"],
+    "negative weight decay": ["--weight-decay", "-1e-4"],
+    "no workdir": None,
+    "workdir is a file": "file",
+    "resume without checkpoint": ["--resume"],
+    "missing data dir": ["--data-dir", "/nonexistent/tfds"],
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_status_2(case, tmp_path, data_dir, capsys):
+  flags = BAD_INPUTS[case]
+  workdir = tmp_path / "run"
+  if flags == "file":
+    workdir.write_text("not a directory")
+    flags = []
+  argv = ["--data-dir", data_dir, "--no-dense-baseline"] + (
+      flags if flags is not None else [])
+  if case != "no workdir":
+    argv += ["--workdir", str(workdir)]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("train.py: error: "), err
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_existing_run_needs_resume_and_the_same_settings(tmp_path, data_dir, capsys):
+  _run(_tiny(data_dir, "--method", "magnitude", "--workdir", tmp_path, "--no-dense-baseline"))
+  capsys.readouterr()
+  assert train.main(_tiny(data_dir, "--method", "magnitude", "--workdir", str(tmp_path))) == 2
+  assert "already holds a run" in capsys.readouterr().err
+  assert train.main(["--resume", "--workdir", str(tmp_path), "--method", "gmp"]) == 2
+  assert "--method gmp differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--sparsity", "1.5"], ["--resume"]])
+def test_bad_input_exit_status_of_the_script(flags, tmp_path):
+  env = dict(os.environ)
+  package_root = pathlib.Path(optg_jax.__file__).parent.parent  # not resolved: keeps overlays
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "train.py"), "--workdir", str(tmp_path / "w"),
+       *flags], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error: ")
+  assert "Traceback" not in result.stderr + result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Final masks, FLOPs and the summary table.
+
+
+def _tiny_params():
+  """Two dense layers, 1,600 kernel weights (160 kept at 90 %), and their biases."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  return {"fc1": {"kernel": jax.random.normal(keys[0], (30, 40)), "bias": jnp.zeros(40)},
+          "fc2": {"kernel": jax.random.normal(keys[1], (40, 10)), "bias": jnp.zeros(10)}}
+
+
+def _optg_state(params, schedule_sparsity):
+  """An OptG state with random scores whose mask was refreshed at ``schedule_sparsity``."""
+  tx = optg_jax.mask_optimizer(SPARSITY, 0.1, sparsity_schedule=schedules.constant(
+      schedule_sparsity), refresh=schedules.every_n_steps(1))
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+  _, state = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
+  return state
+
+
+def test_optg_final_masks_are_the_top_scores_at_the_target():
+  params = _tiny_params()
+  state = _optg_state(params, 0.5)
+  assert float(masks_lib.sparsity_summary(state.masks).sparsity) == pytest.approx(0.5)
+  masks = final.final_masks(params, state, SPARSITY)
+  assert int(masks_lib.sparsity_summary(masks).kept) == 160
+  prunable = masks_lib.prunable_tree(params)
+  expected = masks_lib.global_masks(state.scores, prunable, SPARSITY)
+  for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  swapped = final.with_masks((state, optax.EmptyState()), masks)
+  effective = optg_jax.effective_params(params, swapped)
+  assert int(jnp.sum(effective["fc1"]["kernel"] != 0)) == int(jnp.sum(masks["fc1"]["kernel"]))
+  assert swapped[0].scores is state.scores
+
+
+def test_final_masks_of_other_methods_and_dense():
+  params = _tiny_params()
+  state = optg_jax.magnitude(0.8).init(params)
+  assert final.final_masks(params, state, SPARSITY) is state.masks
+  dense = final.final_masks(params, optax.sgd(0.1).init(params), SPARSITY)
+  assert float(masks_lib.sparsity_summary(dense).sparsity) == 0.0
+  assert dense["fc1"]["bias"].shape == ()
+  with pytest.raises(ValueError, match="sparsity"):
+    final.final_masks(params, _optg_state(params, 0.5), 1.0)
+  with pytest.raises(ValueError, match="exactly one"):
+    final.with_masks(optax.sgd(0.1).init(params), dense)
+
+
+def _lenet():
+  model = models.get_model("lenet300100")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  return model, params
+
+
+def test_layer_flops_of_dense_and_conv_layers():
+  model, params = _lenet()
+  flops = report.layer_flops(model, {"params": params}, jnp.zeros((1, 28, 28, 1)))
+  assert flops == {"fc1/kernel": 2 * 784 * 300, "fc2/kernel": 2 * 300 * 100,
+                   "classifier/kernel": 2 * 100 * 10}
+  resnet = models.get_model("resnet20")
+  sample = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: resnet.init(jax.random.key(0), jnp.zeros(sample.shape)))
+  flops = report.layer_flops(resnet, variables, sample)
+  kernels = [p for p, x in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+             if x.ndim >= 2]
+  assert len(flops) == len(kernels) == 20
+  assert flops["stage1_block1/conv1/kernel"] == 2 * 3 * 3 * 16 * 16 * 32 * 32
+  assert sum(flops.values()) == pytest.approx(2 * 40.55e6, rel=1e-3)  # 40.55 M multiply-adds
+
+
+def test_report_and_summary_table():
+  model, params = _lenet()
+  prunable = masks_lib.prunable_tree(params)
+  scores = jax.tree.map(jnp.abs, params)
+  masks = masks_lib.layerwise_masks(scores, prunable, SPARSITY)
+  flops = report.layer_flops(model, {"params": params}, jnp.zeros((1, 28, 28, 1)))
+  rep = report.build(masks, params, flops)
+  assert (rep.params, rep.kept, rep.total_params) == (266_200, KEPT, 266_610)
+  assert rep.kept_flops == pytest.approx(0.1 * rep.flops)
+  fc1 = next(layer for layer in rep.layers if layer.name == "fc1/kernel")
+  assert (fc1.shape, fc1.kept, fc1.density) == ((784, 300), 23_520, pytest.approx(0.1))
+  table = report.summary_table(rep, method="gmp", sparse_accuracy=0.9, dense_accuracy=None)
+  assert "n/a" in table and "90.00%" in table and "fc2/kernel" in table
+  assert json.loads(json.dumps(report.to_json(rep)))["kept"] == KEPT
