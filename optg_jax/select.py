@@ -45,7 +45,7 @@ _KEY_NAN = -(2**31)  # the key of every NaN: lowest of all
 _KEY_INF = 0x7F800000  # the key of +inf; -inf is -_KEY_INF
 _KEY_TOP = _KEY_INF + 1  # one above every key
 _CHUNK = 1 << 24  # f32 sums of 0/1 are exact up to this many terms
-_SLOTS = 8  # sub-buckets counted by one pass
+_SLOTS = 4  # most split keys counted by one pass
 _MAX_DIGIT_BRACKET = 254  # bracket counts for which the digit trick is exact
 _SAMPLE = 1 << 16  # target sample size for the first guesses
 _MARGIN = 2.0  # pivot overshoot, in estimated standard errors
@@ -260,7 +260,7 @@ class _Bracket(NamedTuple):
 
 
 def _digit_slots(count: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sub-bucket count and base for a bracket of ``count <= 254`` scores."""
+  """Split count and digit base when no leaf holds more than ``count`` bracket scores."""
   base = count + 1
   powers = jnp.cumprod(jnp.full((_SLOTS,), base, jnp.float32)) / base
   slots = jnp.sum(powers <= 255.0).astype(jnp.int32)
@@ -338,10 +338,11 @@ def _plan(model: _Model, br: _Bracket, k: jax.Array) -> _Plan:
   j = jnp.arange(_SLOTS, dtype=jnp.int32)
 
   one = _one_pivot(model, br, kf, c_lo, c_hi)
-  slots, base = _digit_slots(count.astype(jnp.int32))
+  widest = jnp.max(br.c_lo - br.c_hi)  # digits must stay below the base per leaf
+  slots, base = _digit_slots(widest)
   many = _many_pivots(br, kf, c_lo, c_hi, slots, span)
 
-  digits = count <= _MAX_DIGIT_BRACKET
+  digits = widest <= _MAX_DIGIT_BRACKET
   offset = (count == 1.0) & (span.astype(jnp.float32) - 1.0 > _SLOTS)
   kind = jnp.where(offset, _OFFSET, jnp.where(digits, _DIGITS, _COUNT))
   used = j < slots
@@ -499,10 +500,12 @@ def _search(leaves, k, model: _Model) -> _Bracket:
     c_hi = jnp.where(down.any(), per_leaf[:, i_down], br.c_hi)
     old = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
     new = lax.bitcast_convert_type(hi - lo, jnp.uint32)
-    halved_keys = new <= old // 2
-    halved_count = 2 * (jnp.sum(c_lo) - jnp.sum(c_hi)) <= (
+    # Progress is a quarter off the key range or off the bracket count;
+    # otherwise the next step bisects the key range, which bounds the steps.
+    fewer_keys = new <= old - old // 4
+    fewer_scores = 4 * (jnp.sum(c_lo) - jnp.sum(c_hi)) <= 3 * (
         jnp.sum(br.c_lo) - jnp.sum(br.c_hi))
-    stall = ~(halved_keys | halved_count) & ~br.stall
+    stall = ~(fewer_keys | fewer_scores) & ~br.stall
     return _Bracket(lo, hi, c_lo, c_hi, stall)
 
   return lax.while_loop(unfinished, step, start)

@@ -124,7 +124,8 @@ def mask_optimizer(
     # All scores start at 0, one big tie, which the reference keeps whole (it keeps every score
     # >= the threshold): the first epoch trains the dense network.
     masks = masks_lib.all_keep(params, prunable)
-    return MaskOptimizerState(jnp.zeros((), jnp.int32), scores, scores, masks)
+    momentum = jax.tree.map(jnp.zeros_like, scores)  # its own buffers, so donation works
+    return MaskOptimizerState(jnp.zeros((), jnp.int32), scores, momentum, masks)
 
   def update_fn(grads, state, params=None):
     base.require_params(params, "mask_optimizer")
