@@ -25,7 +25,8 @@ digits of the sum. A bisection step is forced whenever a step fails to halve
 the bracket, so the worst case is about 70 passes and a typical one 6 to 10.
 Finally one more pass writes the masks; only if the threshold value is tied
 and its ties straddle the cut inside one leaf does a cumulative sum over that
-leaf place the cut (``lax.cond``).
+leaf place the cut (``lax.cond``). Pools of at most 65,536 scores skip all
+this: one stable sort of their keys ranks them, faster to compile and to run.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ _CHUNK = 1 << 24  # f32 sums of 0/1 are exact up to this many terms
 _SLOTS = 4  # most split keys counted by one pass
 _MAX_DIGIT_BRACKET = 254  # bracket counts for which the digit trick is exact
 _SAMPLE = 1 << 16  # target sample size for the first guesses
-_MARGIN = 2.0  # pivot overshoot, in estimated standard errors
+_MARGIN = 1.5  # pivot overshoot, in estimated standard errors
 _CURVATURE = 0.02  # relative error allowance of linear interpolation
+_SPREAD = 1.0  # digit pass covers the target rank +- this many standard errors
+
+_SMALL_TOTAL = 1 << 16  # pools up to this size are ranked by one sort instead
 
 _SCORE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -66,7 +70,9 @@ def keep_count(n: int, sparsity: Any) -> int | jax.Array:
     n: total number of weights, a non-negative Python int (at most
       ``2**31 - 1`` when ``sparsity`` is an array).
     sparsity: fraction pruned. A Python or NumPy scalar in ``[0, 1)`` gives an
-      exact Python int (the product is taken in rationals). A JAX array (for
+      exact Python int, reading the float as the shortest decimal that
+      represents it (0.7 is 7/10, so 0.7 of 200 prunes 140) and taking the
+      product in rationals. A JAX array (for
       instance a schedule value inside ``jit``) is read as float32 and gives
       an int32 scalar array, exactly ``n - floor(p * n)`` for that float32
       ``p``; traced values cannot raise, so the result is clipped to
@@ -85,8 +91,8 @@ def keep_count(n: int, sparsity: Any) -> int | jax.Array:
     if n > 2**31 - 1:
       raise ValueError(f"n must be < 2**31 for an array sparsity, got {n}.")
     return _keep_count_array(n, sparsity)
-  p = _concrete_sparsity(sparsity)
-  return n - math.floor(fractions.Fraction(p) * n)
+  _concrete_sparsity(sparsity)
+  return n - math.floor(_shortest_decimal(sparsity) * n)
 
 
 def _check_n(n: Any) -> int:
@@ -96,6 +102,16 @@ def _check_n(n: Any) -> int:
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}.")
   return n
+
+
+def _shortest_decimal(sparsity: Any) -> fractions.Fraction:
+  """The shortest decimal that rounds to ``sparsity`` in its own precision, as a fraction, so
+  that 0.7 of 200 prunes 140 (its float64 value, 0.69999…, would prune 139)."""
+  if isinstance(sparsity, np.ndarray):
+    sparsity = sparsity[()]
+  if isinstance(sparsity, np.floating):
+    return fractions.Fraction(np.format_float_positional(sparsity, unique=True, trim="0"))
+  return fractions.Fraction(repr(float(sparsity)))
 
 
 def _concrete_sparsity(sparsity: Any) -> float:
@@ -297,10 +313,9 @@ def _sample_inverse(model: _Model, br: _Bracket, c_lo, c_hi, targets):
   pos = jnp.clip(size - est, 0.0, size - 1.0)
   i0 = jnp.floor(pos).astype(jnp.int32)
   i1 = jnp.minimum(i0 + 1, size - 1)
-  k0 = s[i0].astype(jnp.float32)
-  k1 = s[i1].astype(jnp.float32)
-  key = k0 + (pos - i0) * (k1 - k0)
-  return jnp.clip(key, -2.0**31, 2.0**31 - 256).astype(jnp.int32), e_lo - e_hi
+  gap = lax.bitcast_convert_type(s[i1] - s[i0], jnp.uint32).astype(jnp.float32)
+  step = ((pos - i0) * gap).astype(jnp.uint32)  # keys are too wide for float32
+  return s[i0] + lax.bitcast_convert_type(step, jnp.int32), e_lo - e_hi
 
 
 def _linear_inverse(br: _Bracket, c_lo, c_hi, targets):
@@ -314,18 +329,18 @@ def _linear_inverse(br: _Bracket, c_lo, c_hi, targets):
   return jnp.where(ok, key, _key_midpoint(br.lo, br.hi))
 
 
-_COUNT, _DIGITS, _OFFSET = 0, 1, 2  # kinds of pass
+_COUNT, _DIGITS, _TOP, _BOTTOM = range(4)  # kinds of pass
 
 
 class _Plan(NamedTuple):
   """What the next pass measures."""
 
-  kind: jax.Array  # _COUNT, _DIGITS or _OFFSET
-  splits: jax.Array  # (8,) ascending keys, unused ones _KEY_TOP
-  incs: jax.Array  # (8,) uint8 weight increments of the digit pass
+  kind: jax.Array  # one of _COUNT, _DIGITS, _TOP, _BOTTOM
+  splits: jax.Array  # (_SLOTS,) ascending keys, unused ones _KEY_TOP
+  incs: jax.Array  # (_SLOTS,) uint8 weight increments of the digit pass
   slots: jax.Array  # used splits of the digit pass
   base: jax.Array  # digit base of the digit pass
-  shift: jax.Array  # offset bucket width is 2**shift keys
+  shift: jax.Array  # extent passes bucket keys by 2**shift
 
 
 def _plan(model: _Model, br: _Bracket, k: jax.Array) -> _Plan:
@@ -337,14 +352,24 @@ def _plan(model: _Model, br: _Bracket, k: jax.Array) -> _Plan:
   span = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
   j = jnp.arange(_SLOTS, dtype=jnp.int32)
 
-  one = _one_pivot(model, br, kf, c_lo, c_hi)
   widest = jnp.max(br.c_lo - br.c_hi)  # digits must stay below the base per leaf
   slots, base = _digit_slots(widest)
-  many = _many_pivots(br, kf, c_lo, c_hi, slots, span)
-
   digits = widest <= _MAX_DIGIT_BRACKET
-  offset = (count == 1.0) & (span.astype(jnp.float32) - 1.0 > _SLOTS)
-  kind = jnp.where(offset, _OFFSET, jnp.where(digits, _DIGITS, _COUNT))
+  lone = (count == 1.0) & (span.astype(jnp.float32) - 1.0 > slots)
+  # Targets beyond the sample's extremes: first pin the data's max (or min).
+  beyond = 2.0 * model.weight
+  top = (br.hi == _KEY_TOP) & (kf - c_hi < beyond) & ~br.stall
+  low_end = c_lo - kf < beyond
+  nan_end = (br.lo == _KEY_NAN) & low_end  # count the non-NaN scores first
+  bottom = (br.lo == -_KEY_INF) & low_end & ~br.stall
+  kind = jnp.where(
+      lone, _TOP,
+      jnp.where(digits, _DIGITS,
+                jnp.where(top, _TOP, jnp.where(bottom, _BOTTOM, _COUNT))))
+
+  one = _one_pivot(model, br, kf, c_lo, c_hi)
+  one = jnp.where(nan_end, _live_pivot(jnp.int32(-_KEY_INF), br), one)
+  many = _many_pivots(br, kf, c_lo, c_hi, slots, span)
   used = j < slots
   splits = jnp.where(digits, jnp.where(used, many, _KEY_TOP),
                      jnp.where(j == 0, one, _KEY_TOP))
@@ -385,7 +410,19 @@ def _one_pivot(model: _Model, br: _Bracket, kf, c_lo, c_hi) -> jax.Array:
   lin = _linear_inverse(br, c_lo, c_hi, target)
   pivot = jnp.where(use_sample & (mass > 0), smp, lin)[0]
   pivot = jnp.where(br.stall, _key_midpoint(br.lo, br.hi), pivot)
-  return jnp.clip(pivot, br.lo + 1, br.hi - 1)
+  return _live_pivot(pivot, br)
+
+
+def _live_pivot(pivot: jax.Array, br: _Bracket) -> jax.Array:
+  """Clips a pivot into the bracket, off the key ranges no float maps to.
+
+  Keys strictly between ``_KEY_NAN`` and ``-_KEY_INF`` or above ``_KEY_INF``
+  hold no scores; a pivot there would measure nothing new.
+  """
+  pivot = jnp.clip(pivot, br.lo + 1, br.hi - 1)
+  pivot = jnp.where(pivot < -_KEY_INF,
+                    jnp.where(br.hi <= -_KEY_INF, br.lo + 1, -_KEY_INF), pivot)
+  return jnp.minimum(pivot, _KEY_INF)
 
 
 def _many_pivots(br: _Bracket, kf, c_lo, c_hi, slots, span) -> jax.Array:
@@ -397,8 +434,8 @@ def _many_pivots(br: _Bracket, kf, c_lo, c_hi, slots, span) -> jax.Array:
   rank = (kf - c_hi - 0.5) / count
   spread = jnp.sqrt(rank * (1.0 - rank) / (count + 2.0)) + 0.5 / count
   edge = 0.5 / (count + 1.0)
-  top = jnp.clip(rank - 2.0 * spread, edge, 1.0 - edge)
-  bottom = jnp.clip(rank + 2.0 * spread, edge, 1.0 - edge)
+  top = jnp.clip(rank - _SPREAD * spread, edge, 1.0 - edge)
+  bottom = jnp.clip(rank + _SPREAD * spread, edge, 1.0 - edge)
   step = (bottom - top) / jnp.maximum(slots - 1, 1).astype(jnp.float32)
   frac = bottom - step * j  # j = 0 is the lowest key
   pivots = _linear_inverse(br, c_lo, c_hi, c_hi + frac * count)
@@ -433,52 +470,82 @@ def _decode(sums, plan: _Plan, c_hi):
   return jnp.where(used[None, :], c_hi[:, None] + above, 0)
 
 
-def _offset_pass(leaves, lo, hi, shift) -> jax.Array:
-  """Per-leaf ``1 + (key - lo) >> shift`` summed over bracket scores, ``(L,)``."""
+def _extent_pass(leaves, lo, hi, shift, from_top: bool) -> jax.Array:
+  """Per-leaf max over bracket scores of ``1 + distance >> shift``, ``(L,)``.
+
+  The distance is ``key - lo`` (``from_top``) or ``hi - 1 - key``, so the
+  result is ``1 +`` the bucket of the leaf's largest (smallest) bracket
+  score, or 0 for a leaf without any.
+  """
 
   def weight(key):
-    offset = lax.bitcast_convert_type(key - lo, jnp.uint32) >> shift
-    inside = (key >= lo) & (key < hi)
-    return jnp.where(inside, offset + 1, 0)
+    distance = key - lo if from_top else hi - 1 - key
+    bucket = lax.bitcast_convert_type(distance, jnp.uint32) >> shift
+    return jnp.where((key >= lo) & (key < hi), bucket + 1, 0)
 
-  return jnp.stack([_weight_sum(x, weight) for x in leaves])
+  out = []
+  for x in leaves:
+    best = jnp.float32(0)
+    for a, b in _chunks(x.shape[0]):
+      w = weight(_keys(x[a:b])).astype(jnp.uint8)
+      best = jnp.maximum(best, jnp.max(w.astype(jnp.float32)))
+    out.append(best.astype(jnp.int32))
+  return jnp.stack(out)
 
 
 def _measure(leaves, br: _Bracket, plan: _Plan):
-  """Runs the planned pass: ``(splits, per-leaf #{key >= split})``."""
+  """Runs the planned pass: ``(splits, per-leaf #{key >= split})``.
+
+  Splits come back ascending, with unused ones at ``_KEY_TOP``.
+  """
   num = len(leaves)
+  span = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
+  unused_splits = jnp.full((_SLOTS,), _KEY_TOP, jnp.int32)
+  unused_counts = jnp.zeros((num, _SLOTS), jnp.int32)
 
   def by_count(_):
     counts = _count_pass(leaves, plan.splits[0])
-    return plan.splits, jnp.zeros((num, _SLOTS), jnp.int32).at[:, 0].set(counts)
+    return plan.splits, unused_counts.at[:, 0].set(counts)
 
   def by_digits(_):
     sums = _digit_pass(leaves, plan.splits, plan.incs, br.lo, br.hi)
     return plan.splits, _decode(sums, plan, br.c_hi)
 
-  def by_offset(_):
-    # The bracket holds one score; its sum is 1 + its bucket, in its leaf.
-    sums = _offset_pass(leaves, br.lo, br.hi, plan.shift)
-    bucket = lax.bitcast_convert_type(jnp.sum(sums) - 1, jnp.uint32)
-    span = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
-    start = bucket << plan.shift
-    stop = jnp.minimum((bucket + 1) << plan.shift, span)
+  def by_top(_):
+    # Nothing lies above the bucket of the largest bracket score, so hi can
+    # come down to its end; a lone bracket score also pins lo.
+    best = _extent_pass(leaves, br.lo, br.hi, plan.shift, from_top=True)
+    bucket = lax.bitcast_convert_type(jnp.max(best), jnp.uint32)  # 1-based
+    end = jnp.minimum(bucket << plan.shift, span)
+    start = (bucket - 1) << plan.shift
+    hi = br.lo + lax.bitcast_convert_type(end, jnp.int32)
     lo = br.lo + lax.bitcast_convert_type(start, jnp.int32)
-    hi = br.lo + lax.bitcast_convert_type(stop, jnp.int32)
-    splits = jnp.full((_SLOTS,), _KEY_TOP, jnp.int32).at[0].set(lo).at[1].set(hi)
-    per_leaf = jnp.zeros((num, _SLOTS), jnp.int32)
-    per_leaf = per_leaf.at[:, 0].set(br.c_hi + (sums > 0)).at[:, 1].set(br.c_hi)
-    return splits, per_leaf
+    lone = jnp.sum(br.c_lo - br.c_hi) == 1
+    splits = unused_splits.at[0].set(jnp.where(lone, lo, _KEY_TOP)).at[1].set(hi)
+    counts = unused_counts.at[:, 0].set(br.c_hi + (best > 0)).at[:, 1].set(br.c_hi)
+    return splits, counts
 
-  return lax.switch(plan.kind, (by_count, by_digits, by_offset), None)
+  def by_bottom(_):
+    # Nothing in the bracket lies below the bucket of its smallest score.
+    best = _extent_pass(leaves, br.lo, br.hi, plan.shift, from_top=False)
+    bucket = lax.bitcast_convert_type(jnp.max(best), jnp.uint32)
+    depth = jnp.minimum(bucket << plan.shift, span)
+    lo = br.hi - lax.bitcast_convert_type(depth, jnp.int32)
+    return unused_splits.at[0].set(lo), unused_counts.at[:, 0].set(br.c_lo)
+
+  return lax.switch(plan.kind, (by_count, by_digits, by_top, by_bottom), None)
 
 
-def _search(leaves, k, model: _Model) -> _Bracket:
-  """Bracket with ``hi == lo + 1``: ``lo`` is the key of the k-th largest score."""
+def _search(leaves, k, model: _Model, skip: jax.Array) -> _Bracket:
+  """Bracket with ``hi == lo + 1``: ``lo`` is the key of the k-th largest score.
+
+  With ``skip`` no pass runs and the bracket is ``[_KEY_NAN, _KEY_NAN + 1)``
+  with made-up counts; callers use it when every or no score is kept.
+  """
   num = len(leaves)
   start = _Bracket(
       lo=jnp.int32(_KEY_NAN),
-      hi=jnp.int32(_KEY_TOP),
+      hi=jnp.where(skip, _KEY_NAN + 1, _KEY_TOP).astype(jnp.int32),
       c_lo=jnp.array([x.shape[0] for x in leaves], jnp.int32),
       c_hi=jnp.zeros((num,), jnp.int32),
       stall=jnp.bool_(False))
@@ -576,10 +643,37 @@ def _flat_leaves(scores: Any) -> tuple[list[jax.Array], Any, list[tuple[int, ...
   return leaves, treedef, shapes
 
 
-def _select(leaves: list[jax.Array], k: jax.Array) -> _Bracket:
+def _select(leaves: list[jax.Array], k: jax.Array, skip: jax.Array) -> _Bracket:
   total = sum(x.shape[0] for x in leaves)
   model = _make_model(_sample_keys(leaves, total), total)
-  return _search(leaves, jnp.maximum(k, 1), model)
+  k = jnp.maximum(k, 1)
+  br = _search(leaves, k, model, skip)
+  return lax.cond(_holds(br, k), lambda: br, lambda: _bisect(leaves, k))
+
+
+def _holds(br: _Bracket, k: jax.Array) -> jax.Array:
+  """The bracket invariant: one key wide, ``#{key >= lo} >= k > #{key >= hi}``."""
+  width = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
+  return (width == 1) & (jnp.sum(br.c_lo) >= k) & (jnp.sum(br.c_hi) < k)
+
+
+def _bisect(leaves: list[jax.Array], k: jax.Array) -> _Bracket:
+  """Plain bisection of the key range, 32 counting passes: the guaranteed fallback for any
+  input on which the guided search ends without its invariant (a far outlier at the top)."""
+  num = len(leaves)
+  start = _Bracket(jnp.int32(_KEY_NAN), jnp.int32(_KEY_TOP),
+                   jnp.array([x.shape[0] for x in leaves], jnp.int32),
+                   jnp.zeros((num,), jnp.int32), jnp.bool_(False))
+
+  def step(br):
+    mid = _key_midpoint(br.lo, br.hi)
+    counts = _count_pass(leaves, mid)
+    up = jnp.sum(counts) >= k
+    return _Bracket(jnp.where(up, mid, br.lo), jnp.where(up, br.hi, mid),
+                    jnp.where(up, counts, br.c_lo), jnp.where(up, br.c_hi, counts), br.stall)
+
+  return lax.while_loop(
+      lambda br: lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32) > 1, step, start)
 
 
 def global_topk_masks(scores: Any, k: Any) -> Any:
@@ -599,17 +693,36 @@ def global_topk_masks(scores: Any, k: Any) -> Any:
     ``-0.0`` equals ``+0.0``.
   """
   leaves, treedef, shapes = _flat_leaves(scores)
+  masks = _global_topk_flat(leaves, k)
+  return jax.tree_util.tree_unflatten(
+      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
+
+
+@jax.jit
+def _global_topk_flat(leaves: list[jax.Array], k: Any) -> list[jax.Array]:
+  """Flat bool masks of flat leaves (jitted, so calls outside ``jit`` compile once per shape)."""
   total = sum(x.shape[0] for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
-    masks = [jnp.zeros(s, bool) for s in shapes]
-  else:
-    live = [x for x in leaves if x.shape[0] > 0]
-    br = _select(live, k)
-    flat = iter(_masks_from_bracket(live, k, br))
-    masks = [next(flat).reshape(s) if x.shape[0] else jnp.zeros(s, bool)
-             for x, s in zip(leaves, shapes)]
-  return jax.tree_util.tree_unflatten(treedef, masks)
+    return [jnp.zeros(x.shape, bool) for x in leaves]
+  if total <= _SMALL_TOTAL:
+    return _sorted_masks(leaves, k)
+  live = [x for x in leaves if x.shape[0] > 0]
+  # Keeping all scores needs no threshold: the bracket is then
+  # [_KEY_NAN, _KEY_NAN + 1) with every score counted as a kept tie.
+  br = _select(live, k, (k == 0) | (k >= total))
+  flat = iter(_masks_from_bracket(live, k, br))
+  return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
+
+
+def _sorted_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+  """Small pools: rank by one stable sort of the concatenated keys (cheap to run and compile)."""
+  keys = jnp.concatenate([_keys(x) for x in leaves])
+  order = jnp.argsort(~keys, stable=True)  # ~key reverses the order without overflow
+  ranks = jnp.zeros(keys.shape, jnp.int32).at[order].set(jnp.arange(keys.size, dtype=jnp.int32))
+  keep = ranks < k
+  bounds = np.cumsum([0] + [x.shape[0] for x in leaves])
+  return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
@@ -641,7 +754,7 @@ def kth_largest(scores: Any, k: Any) -> jax.Array:
   live = [x for x in leaves if x.shape[0] > 0]
   if not live:
     return jnp.float32(jnp.inf)
-  br = _select(live, k)
+  br = _select(live, k, k == 0)
   value = _key_value(br.lo)
   value = jnp.where(br.lo == _KEY_NAN, jnp.nan, value)
   return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
