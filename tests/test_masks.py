@@ -196,3 +196,13 @@ class TopkMaskTreesTest(chex.TestCase):
       np.testing.assert_array_equal(masks["layers"]["kernel"][:, layer, :],
                                     sl >= np.sort(sl.ravel())[-9])
 
+
+
+def test_scaled_sparsity_counts_exactly_at_the_target():
+  n = 25_502_912
+  exact = n - math.floor(0.98 * n)
+  assert M.keep_count(n, M.ScaledSparsity(0.98, 1.0)) == exact
+  assert int(jax.jit(lambda f: M.keep_count(n, M.ScaledSparsity(0.98, f)))(jnp.float32(1.0))) == exact
+  on_the_way = jax.jit(lambda f: M.keep_count(n, M.ScaledSparsity(0.98, f)))(jnp.float32(0.5))
+  assert int(on_the_way) == int(og.select.keep_count(n, jnp.float32(0.98) * jnp.float32(0.5)))
+  assert M.keep_count(100, M.ScaledSparsity(0.5, 0.5)) == 75
