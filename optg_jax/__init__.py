@@ -9,33 +9,45 @@ from optg_jax import select
 from optg_jax.masks import apply_masks
 from optg_jax.masks import sparsity_summary
 from optg_jax.methods.base import effective_params
+from optg_jax.methods.base import final_masks
 from optg_jax.methods.base import get_masks
-from optg_jax.methods.final import final_masks
-from optg_jax.methods.final import with_masks
-from optg_jax.methods.magnitude import gmp
+from optg_jax.methods.base import has_state
+from optg_jax.methods.base import register_state
+from optg_jax.methods.base import with_masks
+from optg_jax.methods.gmp import gmp
 from optg_jax.methods.magnitude import magnitude
-from optg_jax.methods.magnitude import random_pruning
-from optg_jax.methods.magnitude import snip
 from optg_jax.methods.optg import mask_optimizer
+from optg_jax.methods.optg import optg
+from optg_jax.methods.pruner import scored_pruner
+from optg_jax.methods.random_pruning import random_pruning
+from optg_jax.methods.scores import trainable_scores
+from optg_jax.methods.selection import Selection
+from optg_jax.methods.snip import snip
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "Selection",
     "apply_masks",
     "distributions",
     "effective_params",
     "final_masks",
     "get_masks",
     "gmp",
+    "has_state",
     "magnitude",
     "mask_optimizer",
     "masks",
     "methods",
+    "optg",
     "parallel",
     "random_pruning",
+    "register_state",
     "schedules",
+    "scored_pruner",
     "select",
     "snip",
     "sparsity_summary",
+    "trainable_scores",
     "with_masks",
 )

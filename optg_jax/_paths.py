@@ -24,7 +24,13 @@ def _key_name(key: Any) -> str:
 
 
 def path_str(path: KeyPath) -> str:
-  """Joins a key path into ``'params/Dense_0/kernel'`` form (dict keys, attributes, indices)."""
+  """Joins a key path into ``'params/Dense_0/kernel'`` form (dict keys, attributes, indices).
+
+  The trailing ``.value`` attribute of a ``flax.nnx`` variable is left out, so an ``nnx.State``
+  leaf reads ``'fc2/kernel'``, as a user writes it.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   return "/".join(_key_name(k) for k in path)
 
 
@@ -41,3 +47,14 @@ def lookup_override(name: str, overrides: Mapping[str, Any] | None) -> Any:
     if re.search(pattern, name):
       return value
   return None
+
+
+def check_patterns_match(patterns: Iterable[str], names: Iterable[str], argument: str) -> None:
+  """Raises ``ValueError`` naming ``argument`` if a regex of ``patterns`` matches none of
+  ``names`` (path strings): a pattern that selects nothing is a typo, not a no-op."""
+  names = list(names)
+  for pattern in patterns:
+    if not any(re.search(pattern, name) for name in names):
+      shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+      raise ValueError(f"{argument}: pattern {pattern!r} matches no leaf (paths look like "
+                       f"{shown})")

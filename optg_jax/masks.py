@@ -47,13 +47,15 @@ def prunable_tree(
 
   Args:
     params: any pytree of arrays (or ``jax.ShapeDtypeStruct``).
-    exclude: regular expressions; a leaf whose path string (``'params/Dense_0/kernel'``) contains
-      a match is never pruned, e.g. ``('Conv_0', 'Dense_2')`` for the stem and the classifier.
+    exclude: regular expressions; a leaf whose path string (``'params/Dense_0/kernel'``, see
+      :func:`optg_jax._paths.path_str`; an ``nnx.State`` leaf is ``'fc2/kernel'``) contains a
+      match is never pruned, e.g. ``('Conv_0', 'Dense_2')`` for the stem and the classifier.
+      Every pattern must match at least one leaf.
     filter_fn: ``(path_str, leaf) -> bool`` replacing :func:`default_filter`.
 
   Raises:
     TypeError: a selected leaf is not a floating-point array (the message names its path).
-    ValueError: nothing is prunable.
+    ValueError: nothing is prunable, or an ``exclude`` pattern matches no leaf.
   """
   exclude = tuple(exclude)
   filter_fn = default_filter if filter_fn is None else filter_fn
@@ -69,6 +71,8 @@ def prunable_tree(
     return True
 
   tree = jax.tree_util.tree_map_with_path(pick, params)
+  names = [_paths.path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  _paths.check_patterns_match(exclude, names, "exclude")
   if not any(jax.tree_util.tree_leaves(tree)):
     raise ValueError(
         "no prunable leaves: the filter selected none of the params' leaves "
@@ -88,8 +92,16 @@ def layer_axis_tree(
       path regex to axis. Stacked kernels are pruned per layer: each slice along the axis is a layer.
 
   Raises:
-    ValueError: a prunable leaf lacks the axis it was given (the message names its path).
+    ValueError: a prunable leaf lacks the axis it was given (the message names its path), or a
+      pattern of a ``layer_axes`` mapping matches no prunable leaf.
   """
+  if isinstance(layer_axes, Mapping):
+    names = [_paths.path_str(path) for path, keep
+             in jax.tree_util.tree_flatten_with_path(prunable)[0] if keep]
+    _paths.check_patterns_match(layer_axes, names, "layer_axes")
+  elif not (layer_axes is None or isinstance(layer_axes, int)):
+    raise TypeError(f"layer_axes must be None, an int or a mapping from path regex to axis, "
+                    f"got {type(layer_axes).__name__}")
 
   def axis_of(path, keep, leaf):
     if not keep or layer_axes is None:
@@ -168,13 +180,20 @@ def keep_count(n: int, sparsity: Any) -> int | jax.Array:
 
 
 def _flat_topk(scores: jax.Array, sparsity: Any, axis: int | None) -> jax.Array:
-  """Keeps ``n - floor(sparsity·n)`` of a leaf, or of each slice along a stacked layer ``axis``."""
+  """Keeps ``n - floor(sparsity·n)`` of a leaf, or of each slice along a stacked layer ``axis``
+  (``sparsity`` may then be a tuple with one per layer)."""
   if axis is None:
     return select.topk_mask(scores, keep_count(scores.size, sparsity))
   moved = jnp.moveaxis(scores, axis, 0)
   per_layer = moved.reshape(moved.shape[0], -1)
-  k = keep_count(per_layer.shape[1], sparsity)
-  mask = jax.vmap(select.topk_mask, in_axes=(0, None))(per_layer, k)
+  n = per_layer.shape[1]
+  if isinstance(sparsity, tuple):
+    if len(sparsity) != per_layer.shape[0]:
+      raise ValueError(f"{len(sparsity)} sparsities for a stack of {per_layer.shape[0]} layers")
+    k = jnp.stack([jnp.asarray(keep_count(n, s), jnp.int32) for s in sparsity])
+    mask = jax.vmap(select.topk_mask)(per_layer, k)
+  else:
+    mask = jax.vmap(select.topk_mask, in_axes=(0, None))(per_layer, keep_count(n, sparsity))
   return jnp.moveaxis(mask.reshape(moved.shape), 0, axis)
 
 
@@ -191,7 +210,8 @@ def layerwise_masks(
       other positions may hold anything, ``None`` included.
     prunable: the bool tree from :func:`prunable_tree`.
     sparsities: one sparsity for every leaf, or a tree aligned with ``prunable`` holding one per
-      prunable leaf (Python floats or traced scalars, e.g. a schedule's value).
+      prunable leaf (Python floats or traced scalars, e.g. a schedule's value; a tuple of one
+      per layer for a stacked leaf).
     layer_axes: the tree from :func:`layer_axis_tree`, or ``None``.
 
   Returns:

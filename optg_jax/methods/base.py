@@ -1,55 +1,138 @@
-"""What every sparsity method shares: which leaves it prunes, how it turns scores into masks, and
-how ``effective_params`` / ``get_masks`` find its state anywhere inside an optax chain."""
+"""The state protocol: how any method's optimizer state gives its effective params and masks.
+
+Every sparsity method keeps what it learns in its optax state, a ``NamedTuple`` registered here
+with :func:`register_state`. The registration says how that state gives
+
+* ``effective_params(state, params)``: the weights the forward pass uses (``W ⊙ M`` by default);
+* ``masks(state)``: the current bool masks, the params' treedef (``state.masks`` by default);
+* ``final_masks(state, params, sparsity)``: the masks of the final model (by default the current
+  masks, refusing a ``sparsity`` they were not selected at);
+* ``with_masks(state, masks)``: the state with other masks (by default ``_replace(masks=...)``).
+
+:func:`effective_params`, :func:`get_masks`, :func:`final_masks` and :func:`with_masks` find the
+one registered state anywhere inside an optax chain (``MultiSteps``, ``apply_if_finite``,
+``inject_hyperparams``, any nesting of pytrees); subclasses of a registered type are found too.
+Registering a method of one's own takes one call::
+
+  class MyState(NamedTuple):
+    count: jax.Array
+    masks: Any
+
+  og.register_state(MyState)   # W ⊙ state.masks, state.masks, ...
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optg_jax import distributions
+from optg_jax import _checks
+from optg_jax import _paths
 from optg_jax import masks as masks_lib
 
 PyTree = Any
-EffectiveFn = Callable[[PyTree, Any], PyTree]
-
-_STATE_TYPES: dict[type, EffectiveFn] = {}
 
 
-def register_state(state_type: type, effective_fn: EffectiveFn | None = None) -> type:
-  """Declares ``state_type`` as a method state; ``effective_fn(params, state)`` gives the weights
-  the forward pass uses (default ``params ⊙ state.masks``)."""
-  _STATE_TYPES[state_type] = effective_fn or (
-      lambda params, state: masks_lib.apply_masks(params, state.masks))
+def masked(tree: PyTree, masks: PyTree) -> PyTree:
+  """``tree ⊙ masks`` without checks: bool masks zero the pruned entries exactly (``W ⊙ M``,
+  ``G ⊙ M``); real or signed multipliers (soft and ternary masks) multiply."""
+  return jax.tree.map(
+      lambda p, m: (jnp.where(m, p, jnp.zeros((), jnp.result_type(p)))
+                    if jnp.result_type(m) == jnp.bool_ else p * m.astype(jnp.result_type(p))),
+      tree, masks)
+
+
+def _default_final_masks(state: Any, params: PyTree, sparsity: float | None) -> PyTree:
+  """The current masks; a ``sparsity`` other than the one the state records is refused."""
+  del params
+  target = getattr(state, "target", None)
+  if sparsity is not None and sparsity != target:
+    raise ValueError(
+        f"final_masks: this method's final masks are its current masks, selected at sparsity "
+        f"{target}; it cannot select them again at sparsity={sparsity} (omit the argument)")
+  return state.masks
+
+
+@dataclasses.dataclass(frozen=True)
+class StateProtocol:
+  """How a registered state type gives its effective params and masks (see module doc)."""
+  effective_params: Callable[[Any, PyTree], PyTree]
+  masks: Callable[[Any], PyTree]
+  final_masks: Callable[[Any, PyTree, float | None], PyTree]
+  with_masks: Callable[[Any, PyTree], Any]
+
+
+_PROTOCOLS: dict[type, StateProtocol] = {}
+
+
+def register_state(
+    state_type: type,
+    *,
+    effective_params: Callable[[Any, PyTree], PyTree] | None = None,
+    masks: Callable[[Any], PyTree] | None = None,
+    final_masks: Callable[[Any, PyTree, float | None], PyTree] | None = None,
+    with_masks: Callable[[Any, PyTree], Any] | None = None,
+) -> type:
+  """Declares ``state_type`` (a ``NamedTuple``) the state of a sparsity method.
+
+  Args:
+    state_type: the class; its subclasses are found too.
+    effective_params: ``(state, params) -> weights of the forward pass``; default
+      ``params ⊙ masks(state)``.
+    masks: ``state -> bool masks`` (the params' treedef); default ``state.masks``.
+    final_masks: ``(state, params, sparsity or None) -> bool masks of the final model``; default
+      the current masks, with a ``sparsity`` other than ``state.target`` (if any) refused.
+    with_masks: ``(state, masks) -> state``; default ``state._replace(masks=masks)``.
+
+  Returns:
+    ``state_type``, so that it can decorate the class.
+  """
+  get = masks or (lambda state: state.masks)
+  _PROTOCOLS[state_type] = StateProtocol(
+      effective_params=effective_params or (lambda state, params: masked(params, get(state))),
+      masks=get,
+      final_masks=final_masks or _default_final_masks,
+      with_masks=with_masks or (lambda state, new: state._replace(masks=new)))
   return state_type
+
+
+def protocol(x: Any) -> StateProtocol | None:
+  """The protocol of ``x``'s type or of its nearest registered base class, else ``None``."""
+  for cls in type(x).__mro__:
+    if cls in _PROTOCOLS:
+      return _PROTOCOLS[cls]
+  return None
 
 
 def is_method_state(x: Any) -> bool:
   """Whether ``x`` is the state of a registered sparsity method."""
-  return type(x) in _STATE_TYPES
+  return protocol(x) is not None
+
+
+def _states(opt_state: Any) -> list[Any]:
+  leaves = jax.tree_util.tree_leaves(opt_state, is_leaf=is_method_state)
+  return [x for x in leaves if is_method_state(x)]
 
 
 def has_state(opt_state: Any) -> bool:
-  """Whether ``opt_state`` holds a sparsity-method state anywhere."""
-  return any(is_method_state(x)
-             for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_method_state))
+  """Whether ``opt_state`` holds a sparsity-method state anywhere (``False``: dense training)."""
+  return bool(_states(opt_state))
 
 
 def find_state(opt_state: Any) -> Any:
-  """The one sparsity-method state inside ``opt_state`` (chains, MultiSteps, apply_if_finite,
-  inject_hyperparams and any other nesting of pytrees).
+  """The one sparsity-method state inside ``opt_state``.
 
   Raises:
     ValueError: ``opt_state`` holds no sparsity-method state, or more than one.
   """
-  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_method_state)
-           if is_method_state(x)]
+  found = _states(opt_state)
   if len(found) != 1:
-    names = ", ".join(t.__name__ for t in _STATE_TYPES)
+    names = ", ".join(t.__name__ for t in _PROTOCOLS)
     raise ValueError(
         f"opt_state must hold exactly one sparsity-method state ({names}); found {len(found)}. "
         "Put one optg_jax transformation in the chain and pass the chain's state.")
@@ -59,96 +142,80 @@ def find_state(opt_state: Any) -> Any:
 def effective_params(params: PyTree, opt_state: Any) -> PyTree:
   """The weights the forward pass uses: ``W ⊙ M`` for mask methods (see each method's docs)."""
   state = find_state(opt_state)
-  return _STATE_TYPES[type(state)](params, state)
+  return protocol(state).effective_params(state, params)
 
 
 def get_masks(opt_state: Any) -> PyTree:
   """The current bool masks (the params' treedef; scalar ``True`` at non-prunable leaves)."""
-  return find_state(opt_state).masks
+  state = find_state(opt_state)
+  return protocol(state).masks(state)
 
 
-def is_prunable_tree(per_leaf: PyTree) -> PyTree:
-  """Bools from a tree that holds arrays at prunable leaves and ``None`` elsewhere."""
-  return jax.tree.map(lambda x: x is not None, per_leaf, is_leaf=lambda x: x is None)
+def final_masks(params: PyTree, opt_state: Any, sparsity: float | None = None) -> PyTree:
+  """The bool masks of the final model (the params' treedef).
 
+  The method's state knows how it selects: OptG takes the exact top-k of its final scores at the
+  full target (its last scheduled refresh was at ``p_{E-1} ≤ P``), with the ``distribution``,
+  ``exclude``, ``layer_axes``, ... it was built with; the pruning baselines hold their final mask
+  already. Works inside ``jax.jit`` (``sparsity`` static).
 
-def map_prunable(fn: Callable[..., Any], per_leaf: PyTree, *rest: PyTree) -> PyTree:
-  """``fn`` over the prunable leaves of ``per_leaf`` (``None`` elsewhere stays ``None``); ``rest``
-  are trees with the params' structure, or other per-leaf trees."""
-  return jax.tree.map(lambda x, *r: None if x is None else fn(x, *r), per_leaf, *rest,
-                      is_leaf=lambda x: x is None)
+  Args:
+    params: the trained params.
+    opt_state: the optimizer state (a chain holding one sparsity method), or the state of a
+      chain without any (dense training: all-keep masks of the default prunable leaves).
+    sparsity: ``None`` for the method's own target. OptG selects again at this sparsity; a
+      method that cannot (a pruning baseline, dense training) refuses any value other than its
+      own target (0 for dense training).
 
-
-def only_prunable(prunable: PyTree, tree: PyTree) -> PyTree:
-  """``tree`` with ``None`` at the non-prunable leaves."""
-  return jax.tree.map(lambda keep, x: x if keep else None, prunable, tree)
-
-
-def mask_gradients(grads: PyTree, masks: PyTree) -> PyTree:
-  """``G ⊙ M``: pruned entries get exactly zero loss gradient; other leaves pass unchanged."""
-  return jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks)
-
-
-def require_params(params: Any, method: str) -> None:
-  if params is None:
-    raise ValueError(f"{method} needs the params: call tx.update(grads, opt_state, params)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-  """Where and how a method keeps its top scores.
-
-  Attributes:
-    distribution: ``'global'`` (one pool over all prunable leaves), ``'uniform'`` or ``'erk'``
-      (per-leaf pools with the sparsity of :mod:`optg_jax.distributions`).
-    exclude: path regexes never pruned (see :func:`optg_jax.masks.prunable_tree`).
-    filter_fn: ``(path_str, leaf) -> bool`` replacing the default kernel filter.
-    layer_axes: leading layer axis of stacked kernels (an int or path regex → int), pruned per
-      layer in per-leaf distributions.
-    overrides: path regex → sparsity for per-leaf distributions.
+  Raises:
+    ValueError: ``sparsity`` outside [0, 1), or one the method cannot select at.
   """
-  distribution: str = "global"
-  exclude: tuple[str, ...] = ()
-  filter_fn: Callable[[str, Any], bool] | None = None
-  layer_axes: int | Mapping[str, int] | None = None
-  overrides: Mapping[str, float] | None = None
-
-  def __post_init__(self):
-    if self.distribution not in distributions.DISTRIBUTIONS:
-      raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, "
-                       f"got {self.distribution!r}")
-    object.__setattr__(self, "exclude", tuple(_as_tuple(self.exclude)))
-
-  def prunable(self, params: PyTree) -> PyTree:
-    return masks_lib.prunable_tree(params, exclude=self.exclude, filter_fn=self.filter_fn)
-
-  def masks(self, scores: PyTree, params: PyTree, fraction: Any, final_sparsity: float) -> PyTree:
-    """Top-k masks of ``scores`` at ``fraction`` (maybe traced) of the way to ``final_sparsity``.
-
-    Per-leaf targets are solved once at the final sparsity and each is scaled by ``fraction``,
-    as gradual schedules do per layer; at ``fraction >= 1`` the counts are exact for the Python
-    float targets (see :class:`optg_jax.masks.ScaledSparsity`).
-    """
-    prunable = self.prunable(params)
-    if self.distribution == "global":
-      return masks_lib.global_masks(scores, prunable,
-                                    masks_lib.ScaledSparsity(final_sparsity, fraction))
-    axes = masks_lib.layer_axis_tree(params, prunable, self.layer_axes)
-    shapes = jax.tree.map(
-        lambda keep, p, axis: _layer_shape(p, axis) if keep else None, prunable, params, axes,
-        is_leaf=lambda x: x is None)
-    finals = distributions.layer_sparsities(self.distribution, shapes, final_sparsity,
-                                            overrides=self.overrides)
-    per_leaf = jax.tree.map(lambda s: masks_lib.ScaledSparsity(s, fraction), finals)
-    return masks_lib.layerwise_masks(scores, prunable, per_leaf, axes)
+  if sparsity is not None:
+    sparsity = _checks.sparsity(sparsity)
+  if not has_state(opt_state):
+    if sparsity:
+      raise ValueError(f"final_masks: opt_state holds no sparsity method (dense training); "
+                       f"it has no masks at sparsity={sparsity}")
+    return masks_lib.all_keep(params, masks_lib.prunable_tree(params))
+  state = find_state(opt_state)
+  return protocol(state).final_masks(state, params, sparsity)
 
 
-def _layer_shape(leaf: Any, axis: int | None) -> jax.ShapeDtypeStruct:
-  shape = np.shape(leaf)
-  if axis is not None:
-    shape = shape[:axis] + shape[axis + 1:]
-  return jax.ShapeDtypeStruct(shape, jnp.result_type(leaf))
+def with_masks(opt_state: Any, masks: PyTree) -> Any:
+  """``opt_state`` with its sparsity method's masks replaced by ``masks`` (everything else kept),
+  so that :func:`effective_params` and an eval step use them.
+
+  Args:
+    opt_state: a state holding one sparsity method.
+    masks: bool masks with the treedef, shapes and dtypes of the current ones (e.g. from
+      :func:`final_masks` or an earlier :func:`get_masks`).
+
+  Raises:
+    ValueError: ``opt_state`` holds no sparsity-method state, or more than one; ``masks`` of
+      another structure or shape (the message names the path).
+    TypeError: a mask leaf that is not bool (the message names the path).
+  """
+  state = find_state(opt_state)
+  spec = protocol(state)
+  _check_like(masks, spec.masks(state))
+  return jax.tree.map(lambda x: spec.with_masks(x, masks) if is_method_state(x) else x, opt_state,
+                      is_leaf=is_method_state)
 
 
-def _as_tuple(x: str | Iterable[str]) -> tuple[str, ...]:
-  return (x,) if isinstance(x, str) else tuple(x)
+def _check_like(masks: PyTree, current: PyTree) -> None:
+  want = jax.tree_util.tree_structure(current)
+  got = jax.tree_util.tree_structure(masks)
+  if want != got:
+    raise ValueError(f"with_masks: masks differ in structure from the current masks:\n"
+                     f"  current: {want}\n  given:   {got}")
+
+  def check(path, new, old):
+    name = _paths.path_str(path)
+    if jnp.result_type(new) != jnp.bool_:
+      raise TypeError(f"with_masks: mask leaf {name!r} has dtype {jnp.result_type(new)}, "
+                      "expected bool")
+    if np.shape(new) != np.shape(old):
+      raise ValueError(f"with_masks: mask leaf {name!r} has shape {np.shape(new)}, expected "
+                       f"{np.shape(old)}")
+
+  jax.tree_util.tree_map_with_path(check, masks, current)

@@ -12,47 +12,27 @@ Supermask training folded into gradient-driven pruning. Each prunable weight ``W
   weight decay and momentum, and come back with their stored values when their score recovers);
 * refreshes ``M`` by exact global top-k of ``S`` at the scheduled sparsity at every epoch start.
 
+It is :func:`~optg_jax.methods.scores.trainable_scores` with zero scores, the score optimizer
+``optax.trace(0.9)`` + a scale by ``-η_w(t)·p(t)/P``, and :func:`~optg_jax.methods.scores.topk_masks`.
 The defaults follow the authors' code (github.com/zyxxmu/OptG at dae1970): sigmoid staircase
 ``p_e = P·σ(β(e − E/2))`` with β = 1, refresh once per epoch, all kernels in one global pool.
 One deliberate difference: the code keeps every score tied at the threshold (so it may keep more
 than ``k``); here exactly ``k = N − floor(p·N)`` are kept, ties going to the earlier weight. The
 initial all-zero scores are the one big tie where that matters, so the mask starts dense, as in
-the code.
+the code. The final model's mask (``og.final_masks``) is the top-k of the final scores at ``P``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from optg_jax import _checks
-from optg_jax import masks as masks_lib
 from optg_jax import schedules
-from optg_jax.methods import base
-
-PyTree = Any
-
-
-class MaskOptimizerState(NamedTuple):
-  """State of :func:`mask_optimizer`.
-
-  Attributes:
-    count: int32 scalar, updates done so far (the step of the next forward pass).
-    scores: float32 scores ``S``, shaped like each prunable leaf; ``None`` elsewhere.
-    momentum: the scores' momentum buffer, like ``scores``.
-    masks: bool masks for the next forward pass, the params' treedef.
-  """
-  count: jax.Array
-  scores: PyTree
-  momentum: PyTree
-  masks: PyTree
-
-
-base.register_state(MaskOptimizerState)
+from optg_jax.methods import scores as scores_lib
+from optg_jax.methods.selection import Selection
 
 
 def mask_optimizer(
@@ -67,7 +47,7 @@ def mask_optimizer(
     score_weight_decay: float = 0.0,
     sparsity_schedule: schedules.Schedule | None = None,
     refresh: schedules.Predicate | None = None,
-    distribution: str = "global",
+    distribution: str | Callable[..., Any] = "global",
     exclude: tuple[str, ...] = (),
     filter_fn: Callable[[str, Any], bool] | None = None,
     layer_axes: int | Mapping[str, int] | None = None,
@@ -83,7 +63,8 @@ def mask_optimizer(
         optax.sgd(lr_schedule, momentum=0.9))
 
   Args:
-    sparsity: target sparsity ``P`` of the prunable weights, in [0, 1).
+    sparsity: target sparsity ``P`` of the prunable weights, in [0, 1), a Python float (with
+      ``optax.inject_hyperparams`` pass it in ``static_args``).
     learning_rate: the weights' learning rate ``η_w`` (a float or an optax schedule of the step);
       the scores use ``η_w(t) · p(t)/P``.
     steps_per_epoch: optimizer steps per epoch; needed by the default schedule and refresh.
@@ -95,18 +76,20 @@ def mask_optimizer(
     sparsity_schedule: ``step -> p(t)`` replacing the sigmoid staircase; the score learning rate
       then uses ``p(t)/P``.
     refresh: ``step -> bool``, when to recompute the mask (default: the first step of each epoch).
-    distribution: ``'global'`` (reference), ``'uniform'`` or ``'erk'`` per-leaf selection.
-    exclude: path regexes of kernels never pruned (none in the reference).
+    distribution: ``'global'`` (reference), ``'uniform'``, ``'erk'`` or a callable
+      ``(shapes, sparsity) -> per-layer sparsities``.
+    exclude: path regexes of kernels never pruned (none in the reference); each must match.
     filter_fn: ``(path_str, leaf) -> bool`` choosing prunable leaves (default: ``ndim >= 2``).
-    layer_axes: leading layer axis of stacked kernels (pruned per layer with per-leaf
+    layer_axes: leading layer axis of stacked kernels (pruned per layer with per-layer
       distributions).
-    overrides: path regex → sparsity for the per-leaf distributions.
+    overrides: path regex → sparsity for ``'uniform'`` and ``'erk'`` (refused with ``'global'``).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`MaskOptimizerState`.
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`~optg_jax.methods.scores.ScoresState`.
   """
   final = _checks.sparsity(sparsity)
-  selection = base.Selection(distribution, exclude, filter_fn, layer_axes, overrides)
+  selection = Selection(distribution, exclude, filter_fn, layer_axes, overrides)
   if sparsity_schedule is None:
     _require(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
     fraction = schedules.sigmoid_fraction(steps_per_epoch, total_epochs, beta)
@@ -116,36 +99,18 @@ def mask_optimizer(
     _require(steps_per_epoch=steps_per_epoch)
     refresh = schedules.epoch_boundaries(steps_per_epoch)
   lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+  score_optimizer = optax.chain(
+      *([optax.add_decayed_weights(score_weight_decay)] if score_weight_decay else []),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_schedule(lambda t: -(lr(t) * fraction(t))))
+  return scores_lib.trainable_scores(
+      scores_lib.zero_scores, score_optimizer,
+      scores_lib.topk_masks(selection, final, fraction), selection=selection, refresh=refresh,
+      dense_start=True, final_masks=scores_lib.TopKAtTarget(selection, final))
 
-  def init_fn(params):
-    prunable = selection.prunable(params)
-    scores = jax.tree.map(lambda keep, p: jnp.zeros(jnp.shape(p), jnp.float32) if keep else None,
-                          prunable, params)
-    # All scores start at 0, one big tie, which the reference keeps whole (it keeps every score
-    # >= the threshold): the first epoch trains the dense network.
-    masks = masks_lib.all_keep(params, prunable)
-    momentum = jax.tree.map(jnp.zeros_like, scores)  # its own buffers, so donation works
-    return MaskOptimizerState(jnp.zeros((), jnp.int32), scores, momentum, masks)
 
-  def update_fn(grads, state, params=None):
-    base.require_params(params, "mask_optimizer")
-    score_grads = base.map_prunable(
-        lambda s, g, w: (g * w).astype(jnp.float32) + score_weight_decay * s,
-        state.scores, grads, params)
-    new_momentum = jax.tree.map(lambda v, g: momentum * v + g, state.momentum, score_grads)
-    direction = (jax.tree.map(lambda v, g: g + momentum * v, new_momentum, score_grads)
-                 if nesterov else new_momentum)
-    score_lr = lr(state.count) * fraction(state.count)
-    scores = jax.tree.map(lambda s, d: s - score_lr * d, state.scores, direction)
-    next_step = state.count + 1
-    masks = jax.lax.cond(
-        refresh(next_step),
-        lambda: selection.masks(scores, params, fraction(next_step), final),
-        lambda: state.masks)
-    updates = base.mask_gradients(grads, state.masks)
-    return updates, MaskOptimizerState(next_step, scores, new_momentum, masks)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+optg = mask_optimizer
+"""The paper's name for :func:`mask_optimizer`."""
 
 
 def _require(**kwargs: Any) -> None:

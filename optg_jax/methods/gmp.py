@@ -1,0 +1,47 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from optg_jax import schedules
+from optg_jax.methods.pruner import scored_pruner
+from optg_jax.methods.selection import Selection
+
+
+def gmp(
+    sparsity: float,
+    begin_step: int,
+    end_step: int,
+    frequency: int,
+    *,
+    initial_sparsity: float = 0.0,
+    power: int = 3,
+    distribution: str = "uniform",
+    **selection_kwargs: Any,
+) -> optax.GradientTransformation:
+  """Gradual magnitude pruning: scores ``|W|``, cubic schedule
+  ``p(t) = P + (p0 − P)(1 − (t − t0)/(t1 − t0))³``, mask refreshed every ``frequency`` steps
+  from ``begin_step`` to ``end_step`` inclusive.
+
+  Args:
+    sparsity: final sparsity ``P`` in [0, 1).
+    begin_step, end_step: ``t0`` and ``t1`` of the schedule, in optimizer steps.
+    frequency: ``Δt``, steps between mask refreshes.
+    initial_sparsity: ``p0``.
+    power: exponent of the schedule (3 in the paper).
+    distribution: ``'uniform'`` (the paper: the same sparsity per layer), ``'erk'``, ``'global'``
+      or a callable (see :class:`~optg_jax.methods.selection.Selection`).
+    **selection_kwargs: ``exclude``, ``filter_fn``, ``layer_axes``, ``overrides``, ``topk`` of
+      :class:`~optg_jax.methods.selection.Selection`.
+
+  Returns:
+    A :func:`~optg_jax.methods.pruner.scored_pruner` transformation.
+  """
+  sparsity_fn = schedules.polynomial(sparsity, begin_step, end_step, frequency,
+                                     initial_sparsity, power)
+  return scored_pruner(sparsity, schedules.every_n_steps(frequency, begin_step, end_step + 1),
+                       fraction=schedules.fraction_of_target(sparsity_fn, sparsity),
+                       selection=Selection(distribution, **selection_kwargs))

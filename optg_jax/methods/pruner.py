@@ -1,0 +1,112 @@
+"""The scored pruner: masks from a score of the weights, on a sparsity schedule, when told to.
+
+The building block of every method whose mask is a top-k of a score it does not train: gradual
+and one-shot magnitude, SNIP, random (and later lottery tickets and RST's random mask). The
+forward pass uses ``W ⊙ M`` (``og.effective_params``); the transformation hands ``G ⊙ M`` down the
+chain. When ``refresh(t + 1)`` holds, the update of step ``t`` scores the weights the forward
+pass of step ``t`` saw, ``W_t``, and the new mask takes effect from the forward pass of step
+``t + 1`` (or already masks this update's gradient, with ``mask_this_update``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optg_jax import _checks
+from optg_jax import masks as masks_lib
+from optg_jax import schedules
+from optg_jax.methods import _trees
+from optg_jax.methods import base
+from optg_jax.methods.selection import Selection
+
+PyTree = Any
+ScoreFn = Callable[[PyTree, PyTree | None, PyTree], PyTree]
+"""``(params, grads, aux) -> scores``: higher is kept; ``grads`` is ``None`` at ``init``."""
+
+
+class PrunerState(NamedTuple):
+  """State of :func:`scored_pruner`.
+
+  Attributes:
+    count: int32 scalar, updates done so far (the step of the next forward pass).
+    masks: bool masks for the next forward pass, the params' treedef.
+    aux: per-prunable-leaf arrays the score needs (``None`` elsewhere), e.g. fixed random scores
+      or summed gradients.
+    target: the final sparsity (static: not an array, kept in the treedef).
+  """
+  count: jax.Array
+  masks: PyTree
+  aux: PyTree
+  target: float
+
+
+base.register_state(PrunerState)
+
+
+def at_target(step: Any) -> float:
+  """The fraction of the target reached at any step: 1 (one-shot methods)."""
+  del step
+  return 1.0
+
+
+def magnitude_score(params: PyTree, grads: PyTree | None, aux: PyTree) -> PyTree:
+  """``|W|``."""
+  del grads, aux
+  return jax.tree.map(jnp.abs, params)
+
+
+def scored_pruner(
+    sparsity: float,
+    refresh: schedules.Predicate,
+    *,
+    score_fn: ScoreFn = magnitude_score,
+    fraction: Callable[[Any], Any] = at_target,
+    selection: Selection = Selection(),
+    init_aux: Callable[[PyTree, PyTree], PyTree] | None = None,
+    update_aux: Callable[[PyTree, PyTree, jax.Array], PyTree] | None = None,
+    mask_this_update: bool = False,
+) -> optax.GradientTransformation:
+  """Masks from the top-k of ``score_fn(params, grads, aux)`` whenever ``refresh`` says so.
+
+  Args:
+    sparsity: the final sparsity ``P`` in [0, 1).
+    refresh: ``step -> bool``: recompute the mask the forward pass of ``step`` uses (at ``init``
+      for step 0, else in the update of ``step - 1``).
+    score_fn: the score, higher kept (default ``|W|``).
+    fraction: ``step -> fraction of P`` the mask of ``step`` prunes (default 1: one-shot).
+    selection: pool, per-layer budget and prunable leaves.
+    init_aux: ``(params, prunable) -> aux`` (default ``None``).
+    update_aux: ``(aux, grads, count) -> aux``, before scoring (default: unchanged).
+    mask_this_update: the refreshed mask already masks the gradient this update hands down
+      (SNIP: the first weight update is sparse) instead of from the next step on.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`PrunerState`.
+  """
+  final = _checks.sparsity(sparsity)
+
+  def select(params, grads, aux, step):
+    return selection.masks(score_fn(params, grads, aux), params, fraction(step), final)
+
+  def init_fn(params):
+    prunable = selection.prunable(params)
+    aux = None if init_aux is None else init_aux(params, prunable)
+    masks = jax.lax.cond(refresh(0), lambda: select(params, None, aux, 0),
+                         lambda: masks_lib.all_keep(params, prunable))
+    return PrunerState(jnp.zeros((), jnp.int32), masks, aux, final)
+
+  def update_fn(grads, state, params=None):
+    _trees.require_params(params, "this pruning method")
+    aux = state.aux if update_aux is None else update_aux(state.aux, grads, state.count)
+    next_step = state.count + 1
+    masks = jax.lax.cond(refresh(next_step), lambda: select(params, grads, aux, next_step),
+                         lambda: state.masks)
+    updates = base.masked(grads, masks if mask_this_update else state.masks)
+    return updates, PrunerState(next_step, masks, aux, final)
+
+  return optax.GradientTransformation(init_fn, update_fn)
