@@ -43,6 +43,7 @@ Predicate = Callable[[chex.Numeric], chex.Array]
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
+  _checks.concrete(value, name)
   try:
     value = operator.index(value)
   except TypeError:
@@ -63,7 +64,7 @@ def _check_end(end: Any, begin: int, name: str, begin_name: str, strict: bool) -
 
 
 def _check_finite(value: Any, name: str) -> float:
-  value = float(value)
+  value = float(_checks.concrete(value, name))
   if not math.isfinite(value):
     raise ValueError(f"{name} must be finite, got {value!r}.")
   return value

@@ -76,6 +76,33 @@ class AccumulationTest(chex.TestCase):
       assert scores[name]["bias"] is None
 
 
+@pytest.mark.parametrize("nesterov,decay", [(False, 0.0), (True, 0.0), (False, 0.05),
+                                             (True, 0.05)])
+def test_scores_follow_pytorch_momentum_sgd_at_the_default_momentum(nesterov, decay):
+  """``g = G⊙W + λS``, ``v ← 0.9 v + g``, ``S ← S − η_s (g + 0.9 v if nesterov else v)``,
+  written out in float64 NumPy; the default momentum (0.9) is not passed."""
+  tx = optax.chain(og.mask_optimizer(0.8, _lr, SPE, EPOCHS, nesterov=nesterov,
+                                     score_weight_decay=decay), optax.sgd(_lr))
+  params = _params()
+  opt_state = tx.init(params)
+  step = jax.jit(_step_fn(tx))
+  scores = {name: np.zeros(params[name]["kernel"].shape) for name in ("dense1", "dense2")}
+  velocity = {name: np.zeros_like(s) for name, s in scores.items()}
+  for t in range(SPE * EPOCHS):
+    before = params
+    params, opt_state, grads = step(params, opt_state, _batch(t))
+    eta_s = float(_lr(t)) * _fraction(t)
+    for name in scores:
+      g = (np.asarray(grads[name]["kernel"], np.float64) * np.asarray(before[name]["kernel"])
+           + decay * scores[name])
+      velocity[name] = 0.9 * velocity[name] + g
+      scores[name] = scores[name] - eta_s * (g + 0.9 * velocity[name] if nesterov
+                                             else velocity[name])
+  got = og.methods.base.find_state(opt_state).scores
+  for name in scores:
+    np.testing.assert_allclose(got[name]["kernel"], scores[name], rtol=1e-4, atol=1e-7)
+
+
 def _run(tx, steps, params=None):
   params = _params() if params is None else params
   opt_state = tx.init(params)

@@ -83,7 +83,7 @@ def register_state(
   Args:
     state_type: the class; its subclasses are found too.
     effective_params: ``(state, params) -> weights of the forward pass``; default
-      ``params ⊙ masks(state)``.
+      ``params ⊙ state.masks`` (bool masks zero, signed or real ones multiply).
     masks: ``state -> bool masks`` (the params' treedef); default ``state.masks``.
     final_masks: ``(state, params, sparsity or None) -> bool masks of the final model``; default
       the current masks, with a ``sparsity`` other than ``state.target`` (if any) refused.
@@ -94,7 +94,7 @@ def register_state(
   """
   get = masks or (lambda state: state.masks)
   _PROTOCOLS[state_type] = StateProtocol(
-      effective_params=effective_params or (lambda state, params: masked(params, get(state))),
+      effective_params=effective_params or (lambda state, params: masked(params, state.masks)),
       masks=get,
       final_masks=final_masks or _default_final_masks,
       with_masks=with_masks or (lambda state, new: state._replace(masks=new)))

@@ -100,7 +100,7 @@ def mask_optimizer(
     refresh = schedules.epoch_boundaries(steps_per_epoch)
   lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
   score_optimizer = optax.chain(
-      *([optax.add_decayed_weights(score_weight_decay)] if score_weight_decay else []),
+      *([] if _is_zero(score_weight_decay) else [optax.add_decayed_weights(score_weight_decay)]),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_schedule(lambda t: -(lr(t) * fraction(t))))
   return scores_lib.trainable_scores(
@@ -111,6 +111,11 @@ def mask_optimizer(
 
 optg = mask_optimizer
 """The paper's name for :func:`mask_optimizer`."""
+
+
+def _is_zero(value: Any) -> bool:
+  """A Python zero (a traced hyperparameter of ``optax.inject_hyperparams`` is kept)."""
+  return isinstance(value, (int, float)) and value == 0
 
 
 def _require(**kwargs: Any) -> None:
