@@ -1,8 +1,10 @@
 """optg_jax: sparse neural network training for JAX/Flax/optax (OptG and its family)."""
 
 from optg_jax import distributions
+from optg_jax import initializers
 from optg_jax import masks
 from optg_jax import methods
+from optg_jax import optimizers
 from optg_jax import parallel
 from optg_jax import schedules
 from optg_jax import select
@@ -14,6 +16,7 @@ from optg_jax.methods.base import get_masks
 from optg_jax.methods.base import has_state
 from optg_jax.methods.base import register_state
 from optg_jax.methods.base import with_masks
+from optg_jax.methods.edge_popup import edge_popup
 from optg_jax.methods.gmp import gmp
 from optg_jax.methods.magnitude import magnitude
 from optg_jax.methods.optg import mask_optimizer
@@ -22,6 +25,7 @@ from optg_jax.methods.pruner import scored_pruner
 from optg_jax.methods.random_pruning import random_pruning
 from optg_jax.methods.scores import trainable_scores
 from optg_jax.methods.selection import Selection
+from optg_jax.methods.signed_supermask import signed_supermask
 from optg_jax.methods.snip import snip
 
 __version__ = "0.1.0"
@@ -30,22 +34,26 @@ __all__ = (
     "Selection",
     "apply_masks",
     "distributions",
+    "edge_popup",
     "effective_params",
     "final_masks",
     "get_masks",
     "gmp",
     "has_state",
+    "initializers",
     "magnitude",
     "mask_optimizer",
     "masks",
     "methods",
     "optg",
+    "optimizers",
     "parallel",
     "random_pruning",
     "register_state",
     "schedules",
     "scored_pruner",
     "select",
+    "signed_supermask",
     "snip",
     "sparsity_summary",
     "trainable_scores",

@@ -5,6 +5,7 @@ score of the weights), :func:`~optg_jax.methods.scores.trainable_scores` (superm
 of :mod:`optg_jax.methods.base`."""
 
 from optg_jax.methods import base
+from optg_jax.methods import edge_popup
 from optg_jax.methods import gmp
 from optg_jax.methods import magnitude
 from optg_jax.methods import optg
@@ -12,4 +13,5 @@ from optg_jax.methods import pruner
 from optg_jax.methods import random_pruning
 from optg_jax.methods import scores
 from optg_jax.methods import selection
+from optg_jax.methods import signed_supermask
 from optg_jax.methods import snip

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optg_jax import initializers
 from optg_jax import masks as masks_lib
 from optg_jax import schedules
 from optg_jax.methods import _trees
@@ -101,6 +102,7 @@ def trainable_scores(
     dense_start: bool = False,
     train_weights: bool = True,
     straight_through: bool = True,
+    surrogate: Callable[[jax.Array], jax.Array] | None = None,
     mask_penalty: float = 0.0,
     init_aux: Callable[[PyTree, PyTree], PyTree] | None = None,
     final_masks: FinalFn | None = None,
@@ -117,10 +119,14 @@ def trainable_scores(
     refresh: ``step -> bool``: recompute the mask for that step's forward pass; ``None``
       recomputes it every step.
     dense_start: the first mask is all-keep instead of ``mask_fn`` of the initial scores.
-    train_weights: hand ``G ⊙ M`` down the chain; ``False`` hands zeros (frozen weights: put no
-      weight decay after it).
+    train_weights: hand ``G ⊙ M`` down the chain; ``False`` hands ``-0.0`` everywhere (frozen
+      weights: ``W + (-0.0)`` is ``W`` bit for bit). Then nothing that changes a zero update may
+      follow in the chain: no weight decay, no optimizer with a bias or a decoupled decay.
     straight_through: ``dL/dS = G ⊙ W``; ``False`` takes the exact gradient through ``mask_fn``
       (needs ``refresh=None``, so that the mask is the one of the current scores).
+    surrogate: with ``straight_through``, the straight-through gradient passes through this
+      elementwise function of a score: ``dL/dS = surrogate'(S) ⊙ G ⊙ W`` (``jnp.abs`` for
+      edge-popup's top-k of ``|S|``: ``sign(S) ⊙ G ⊙ W``); ``None`` is the identity.
     mask_penalty: ``λ`` of a penalty ``λ·Σ M`` over the prunable masks (its gradient ``λ`` is
       added to ``dL/dM``).
     init_aux: ``(scores, params) -> aux``, constants fixed at init for ``mask_fn``.
@@ -149,8 +155,11 @@ def trainable_scores(
                                      state.scores, grads, params)
     if mask_penalty:
       mask_grads = jax.tree.map(lambda g: g + mask_penalty, mask_grads)
-    if straight_through:
+    if straight_through and surrogate is None:
       score_grads = mask_grads
+    elif straight_through:
+      score_grads = _trees.map_prunable(lambda s, g: jax.vjp(surrogate, s)[1](g)[0],
+                                        state.scores, mask_grads)
     else:
       prunable = selection.prunable(params)
       _, vjp = jax.vjp(lambda s: _trees.only_prunable(
@@ -166,7 +175,7 @@ def trainable_scores(
       masks = jax.lax.cond(refresh(next_step), lambda: mask_fn(scores, params, next_step,
                                                                  state.aux), lambda: state.masks)
     updates = (base.masked(grads, state.masks) if train_weights
-               else jax.tree.map(jnp.zeros_like, grads))
+               else jax.tree.map(lambda g: jnp.full_like(g, -0.0), grads))  # W + (-0) is W
     return updates, ScoresState(next_step, scores, score_state, masks, state.aux, state.final)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -175,6 +184,19 @@ def trainable_scores(
 def zero_scores(params: PyTree, prunable: PyTree) -> PyTree:
   """``init_scores``: float32 zeros (OptG)."""
   return _trees.zeros(params, prunable)
+
+
+def random_scores(seed: int, leaf_init: initializers.LeafInit,
+                  selection: Selection) -> Callable[[PyTree, PyTree], PyTree]:
+  """``init_scores``: float32 draws of ``leaf_init`` (e.g. ``initializers.xavier_uniform_init``)
+  at the prunable leaves, seeded as :func:`optg_jax.initializers.reinit` seeds."""
+
+  def init_scores(params, prunable):
+    drawn = initializers.reinit(params, jax.random.key(seed), leaf_init,
+                                exclude=selection.exclude, filter_fn=selection.filter_fn)
+    return _trees.only_prunable(prunable, jax.tree.map(lambda x: x.astype(jnp.float32), drawn))
+
+  return init_scores
 
 
 def _keep_true(prunable_masks: PyTree, params: PyTree) -> PyTree:
