@@ -12,21 +12,34 @@ kept first. The ranking uses the keys, never float comparisons, so it is the
 same with or without denormals-are-zero hardware modes and on every backend.
 
 Algorithm (selection of the k-th largest key ``T``). A strided sample of about
-64k scores is sorted (an int32 sort, a few ms) and gives a first guess. Then a
-bracket ``lo <= T < hi`` is kept with the exact counts ``#{key >= lo} >= k >
-#{key >= hi}``, per leaf. Each step is one streaming pass over all scores: an
-elementwise kernel writes one uint8 per score and a plain sum reduces it (f32
-sums of uint8 are exact below 2**24 per chunk). While the bracket holds many
-scores the pass counts the scores above one pivot, placed from the sample or
-by interpolation between the exact bracket counts; once it holds at most 254
-scores, one pass counts up to 8 sub-buckets at once by giving each bucket a
-uint8 weight ``W**j`` (``W`` greater than the bracket count) and decoding the
-digits of the sum. A bisection step is forced whenever a step fails to halve
-the bracket, so the worst case is about 70 passes and a typical one 6 to 10.
-Finally one more pass writes the masks; only if the threshold value is tied
-and its ties straddle the cut inside one leaf does a cumulative sum over that
-leaf place the cut (``lax.cond``). Pools of at most 65,536 scores skip all
-this: one stable sort of their keys ranks them, faster to compile and to run.
+64k scores is sorted (an int32 sort, ~2 ms) and gives first guesses. A bracket
+``lo <= T < hi`` is kept with exact per-leaf counts ``#{key >= lo} >= k >
+#{key >= hi}``. Each step is one streaming pass over all scores: an
+elementwise kernel writes one uint8 per score and a plain reduction of the
+uint8s (f32 sums of them are exact below 2**24 per chunk) gives per-leaf
+numbers. On XLA:CPU this pair runs at memory speed (~5 ms for 25.5M scores),
+where a compare inside a reduction would run ~6x slower. The passes:
+
+* count: the scores at or above one pivot, placed by the sample or by
+  interpolation between the exact bracket counts, past the target by a
+  margin so that the far bracket end moves close;
+* digits: once no leaf holds more than 254 bracket scores, up to 4 pivots at
+  once, bucket ``j`` weighing ``W**j`` with ``W`` above any leaf's bracket
+  count, decoded from the digits of the per-leaf sums;
+* extent: the uint8 max of a bucketed distance pins where the largest
+  (smallest) bracket score lies, 8 bits of the key per pass: used for targets
+  beyond the sample's extremes and for a bracket holding one score.
+
+A step that fails to shrink the bracket by a quarter forces a bisection of
+the key range next, so a search needs at most about 70 passes; on 25.5M
+scores it typically needs 6 to 9 (2 when the threshold is a big tie, such as
+all-zero scores). One more pass writes the masks; only if the ties at ``T``
+straddle the cut inside one leaf does a cumulative sum over that leaf place
+it (``lax.cond``). Under ``jax.vmap`` the rows are searched one at a time
+(``lax.map``, via ``custom_vmap``), since batching would turn every
+``lax.cond``/``lax.switch`` into selects that run all the branches. Pools of
+at most 65,536 scores skip all this: one stable sort of their keys ranks them,
+faster to compile and to run.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ _KEY_NAN = -(2**31)  # the key of every NaN: lowest of all
 _KEY_INF = 0x7F800000  # the key of +inf; -inf is -_KEY_INF
 _KEY_TOP = _KEY_INF + 1  # one above every key
 _CHUNK = 1 << 24  # f32 sums of 0/1 are exact up to this many terms
+_ALIGN = 256  # chunk lengths are multiples of this, but for a leaf's tail
 _SLOTS = 4  # most split keys counted by one pass
 _MAX_DIGIT_BRACKET = 254  # bracket counts for which the digit trick is exact
 _SAMPLE = 1 << 16  # target sample size for the first guesses
@@ -72,12 +86,12 @@ def keep_count(n: int, sparsity: Any) -> int | jax.Array:
     sparsity: fraction pruned. A Python or NumPy scalar in ``[0, 1)`` gives an
       exact Python int, reading the float as the shortest decimal that
       represents it (0.7 is 7/10, so 0.7 of 200 prunes 140) and taking the
-      product in rationals. A JAX array (for
-      instance a schedule value inside ``jit``) is read as float32 and gives
-      an int32 scalar array, exactly ``n - floor(p * n)`` for that float32
-      ``p``; traced values cannot raise, so the result is clipped to
-      ``[0, n]`` instead (``p <= 0`` keeps ``n``, ``p >= 1`` keeps 0, NaN keeps
-      ``n``).
+      product in rationals. A JAX array (for instance a schedule value inside
+      ``jit``) is read as float32 and gives an int32 scalar array, exactly
+      ``n - floor(p * n)`` for that float32 value ``p`` (no decimal reading:
+      ``float32(0.7)`` is a little below 0.7); traced values cannot raise, so
+      the result is clipped to ``[0, n]`` instead (``p <= 0`` keeps ``n``,
+      ``p >= 1`` keeps 0, NaN keeps ``n``).
 
   Returns:
     The keep count ``k``.
@@ -203,21 +217,48 @@ def _key_midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
-  return [(a, min(a + _CHUNK, n)) for a in range(0, n, _CHUNK)]
+  """Ranges of at most ``_CHUNK`` scores; all but a last short one 256-aligned.
+
+  Inside the search loop XLA:CPU reduces buffers whose length is not a
+  multiple of 4 bytes ~2.5x slower, so a leaf's ragged tail is split off.
+  """
+  whole = n - n % _ALIGN
+  bounds = list(range(0, whole, _CHUNK)) + [whole]
+  ranges = [(a, min(a + _CHUNK, whole)) for a in bounds[:-1]]
+  return ranges + ([(whole, n)] if whole < n else [])
 
 
-def _weight_sum(x: jax.Array, weight_fn) -> jax.Array:
-  """Exact int32 sum over a flat leaf of uint8 ``weight_fn(keys)``."""
-  total = jnp.int32(0)
+def _reduce(x: jax.Array, weight_fn, op=jnp.sum) -> jax.Array:
+  """Exact int32 ``op`` (sum or max) over a flat leaf of uint8 ``weight_fn(chunk)``.
+
+  The uint8 is written by one elementwise kernel and converted to f32 inside
+  the reduction, the form XLA:CPU reduces fastest; chunks of at most 2**24
+  scores keep f32 sums of weights up to 255 over a bracket exact.
+  """
+  parts = []
   for a, b in _chunks(x.shape[0]):
-    w = weight_fn(_keys(x[a:b])).astype(jnp.uint8)
-    total = total + jnp.sum(w.astype(jnp.float32)).astype(jnp.int32)
-  return total
+    w = weight_fn(x[a:b]).astype(jnp.uint8)
+    parts.append(op(w.astype(jnp.float32)).astype(jnp.int32))
+  return parts[0] if len(parts) == 1 else op(jnp.stack(parts))
+
+
+def _at_least(x: jax.Array, pivot: jax.Array) -> jax.Array:
+  """``_keys(x) >= pivot`` from the raw bits, for ``pivot > _KEY_NAN``.
+
+  Non-negative floats have their key as bits; a negative float with
+  magnitude bits ``m`` has key ``-m``, and its bits are ``_KEY_NAN + m``.
+  Cheaper than forming the keys, which matters in the most frequent pass.
+  """
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  positive = (bits >= jnp.maximum(pivot, 0)) & (bits <= _KEY_INF)
+  below = _KEY_NAN + jnp.minimum(-jnp.minimum(pivot, 0), _KEY_INF)
+  negative = (bits <= below) & (pivot <= 0)
+  return positive | negative
 
 
 def _count_pass(leaves: Sequence[jax.Array], pivot: jax.Array) -> jax.Array:
-  """Per-leaf ``#{key >= pivot}``, shape ``(L,)``."""
-  return jnp.stack([_weight_sum(x, lambda key: key >= pivot) for x in leaves])
+  """Per-leaf ``#{key >= pivot}`` for ``pivot > _KEY_NAN``, shape ``(L,)``."""
+  return jnp.stack([_reduce(x, lambda c: _at_least(c, pivot)) for x in leaves])
 
 
 def _digit_pass(
@@ -233,13 +274,14 @@ def _digit_pass(
   ``sum(incs[:j])``; scores outside the bracket weigh 0. Shape ``(L,)``.
   """
 
-  def weight(key):
+  def weight(chunk):
+    key = _keys(chunk)
     w = jnp.zeros(key.shape, jnp.uint8)
     for j in range(_SLOTS):
       w = w + jnp.where(key >= splits[j], incs[j], jnp.uint8(0))
     return jnp.where((key >= lo) & (key < hi), w, jnp.uint8(0))
 
-  return jnp.stack([_weight_sum(x, weight) for x in leaves])
+  return jnp.stack([_reduce(x, weight) for x in leaves])
 
 
 # ----------------------------------------------------------------------------
@@ -268,11 +310,30 @@ def _sample_keys(leaves: Sequence[jax.Array], total: int) -> jax.Array:
 
 
 class _Bracket(NamedTuple):
+  """Search state: the k-th largest key ``T`` satisfies ``lo <= T < hi``."""
+
   lo: jax.Array  # int32 key, #{key >= lo} >= k
   hi: jax.Array  # int32 key, #{key >= hi} < k
   c_lo: jax.Array  # per-leaf #{key >= lo}, (L,)
   c_hi: jax.Array  # per-leaf #{key >= hi}, (L,)
-  stall: jax.Array  # bool, last step failed to halve the bracket
+  stall: jax.Array  # bool, last step failed to shrink the bracket enough
+  top_w: jax.Array  # uint32; if > 0 the largest bracket key is >= hi - top_w
+  bot_w: jax.Array  # uint32; if > 0 the smallest bracket key is < lo + bot_w
+  open_lo: jax.Array  # bool, no non-NaN score lies below lo
+
+
+def _start(leaves, done) -> _Bracket:
+  """The whole key range (or, if ``done``, an empty search with made-up counts)."""
+  num = len(leaves)
+  return _Bracket(
+      lo=jnp.int32(_KEY_NAN),
+      hi=jnp.where(done, _KEY_NAN + 1, _KEY_TOP).astype(jnp.int32),
+      c_lo=jnp.array([x.shape[0] for x in leaves], jnp.int32),
+      c_hi=jnp.zeros((num,), jnp.int32),
+      stall=jnp.bool_(False),
+      top_w=jnp.uint32(0),
+      bot_w=jnp.uint32(0),
+      open_lo=jnp.bool_(False))
 
 
 def _digit_slots(count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -284,28 +345,33 @@ def _digit_slots(count: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class _Model(NamedTuple):
-  """Estimates of where the k-th key lies, from the sample and the bracket."""
+  """What the sample says about where keys lie."""
 
   sample: jax.Array  # sorted sample keys
-  atoms: jax.Array  # prefix count of sample positions inside a run of 3 equal keys
+  atoms: jax.Array  # atoms[i]: sample positions below i that start 3 equal keys
   weight: float  # scores per sample point
-  total: int
 
 
 def _make_model(sample: jax.Array, total: int) -> _Model:
-  run = jnp.concatenate(
-      [sample[2:] == sample[:-2], jnp.zeros((2,), bool)]) if sample.size > 2 else (
-          jnp.zeros(sample.shape, bool))
-  atoms = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(run.astype(jnp.int32))])
-  return _Model(sample, atoms, total / sample.shape[0], total)
+  starts = jnp.zeros(sample.shape, bool)
+  if sample.shape[0] > 2:
+    starts = starts.at[:-2].set(sample[2:] == sample[:-2])
+  atoms = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(starts, dtype=jnp.int32)])
+  return _Model(sample, atoms, total / sample.shape[0])
+
+
+def _sample_range(model: _Model, br: _Bracket) -> tuple[jax.Array, jax.Array]:
+  """Sample positions ``[i_lo, i_hi)`` of the keys inside the bracket."""
+  both = jnp.searchsorted(model.sample, jnp.stack([br.lo, br.hi]), side="left",
+                          method="compare_all")
+  return both[0], both[1]
 
 
 def _sample_inverse(model: _Model, br: _Bracket, c_lo, c_hi, targets):
   """Keys where the sample CDF, rescaled to the exact bracket counts, hits ``targets``."""
   s = model.sample
   size = s.shape[0]
-  i_lo = jnp.searchsorted(s, br.lo, side="left")
-  i_hi = jnp.searchsorted(s, br.hi, side="left")
+  i_lo, i_hi = _sample_range(model, br)
   e_lo = (size - i_lo).astype(jnp.float32)
   e_hi = (size - i_hi).astype(jnp.float32)
   span = jnp.maximum(c_lo - c_hi, 1.0)
@@ -340,7 +406,8 @@ class _Plan(NamedTuple):
   incs: jax.Array  # (_SLOTS,) uint8 weight increments of the digit pass
   slots: jax.Array  # used splits of the digit pass
   base: jax.Array  # digit base of the digit pass
-  shift: jax.Array  # extent passes bucket keys by 2**shift
+  window: jax.Array  # uint32 width of the window an extent pass buckets
+  shift: jax.Array  # extent passes bucket the window by 2**shift keys
 
 
 def _plan(model: _Model, br: _Bracket, k: jax.Array) -> _Plan:
@@ -356,19 +423,32 @@ def _plan(model: _Model, br: _Bracket, k: jax.Array) -> _Plan:
   slots, base = _digit_slots(widest)
   digits = widest <= _MAX_DIGIT_BRACKET
   lone = (count == 1.0) & (span.astype(jnp.float32) - 1.0 > slots)
-  # Targets beyond the sample's extremes: first pin the data's max (or min).
-  beyond = 2.0 * model.weight
-  top = (br.hi == _KEY_TOP) & (kf - c_hi < beyond) & ~br.stall
-  low_end = c_lo - kf < beyond
-  nan_end = (br.lo == _KEY_NAN) & low_end  # count the non-NaN scores first
-  bottom = (br.lo == -_KEY_INF) & low_end & ~br.stall
+  # A target among the scores above (below) every sample point, with no
+  # sampled tie there: pin the largest (smallest) score first, by extent
+  # passes over shrinking windows, then the sample brackets the target.
+  top_tail, bottom_tail = _tails(model, br, kf, c_lo, c_hi)
+  # Digit passes spread their splits by value, so they need finite ends; an
+  # open end is first closed by the sample if it has points in the bracket,
+  # else by an extent pass.
+  open_top = ~jnp.isfinite(_key_value(br.hi))
+  open_bottom = ~jnp.isfinite(_key_value(br.lo))
+  sampled = _sample_points(model, br) > 0
+  top = (top_tail | (digits & open_top & ~sampled)) & (br.top_w != 1)
+  bottom = (bottom_tail | (digits & br.open_lo & open_bottom & ~sampled)) & (br.bot_w != 1)
+  nan_end = (br.lo == _KEY_NAN) & ((c_lo - kf < 2.0 * model.weight) | digits)
+  digits = digits & ~open_top & ~open_bottom
   kind = jnp.where(
-      lone, _TOP,
-      jnp.where(digits, _DIGITS,
-                jnp.where(top, _TOP, jnp.where(bottom, _BOTTOM, _COUNT))))
+      lone | top, _TOP,
+      jnp.where(bottom, _BOTTOM, jnp.where(digits, _DIGITS, _COUNT)))
+  top_window = jnp.where((br.top_w > 0) & (br.top_w < span), br.top_w, span)
+  bot_window = jnp.where((br.bot_w > 0) & (br.bot_w < span), br.bot_w, span)
+  window = jnp.where(kind == _BOTTOM, bot_window, top_window)
 
-  one = _one_pivot(model, br, kf, c_lo, c_hi)
+  one = _one_pivot(model, br, kf, c_lo, c_hi, top_tail | bottom_tail)
   one = jnp.where(nan_end, _live_pivot(jnp.int32(-_KEY_INF), br), one)
+  # A pinned extreme that is the target itself: split just off it.
+  one = jnp.where(top_tail & (br.top_w == 1) & (kf - c_hi == 1.0), br.hi - 1, one)
+  one = jnp.where(bottom_tail & (br.bot_w == 1) & (c_lo == kf), br.lo + 1, one)
   many = _many_pivots(br, kf, c_lo, c_hi, slots, span)
   used = j < slots
   splits = jnp.where(digits, jnp.where(used, many, _KEY_TOP),
@@ -376,10 +456,11 @@ def _plan(model: _Model, br: _Bracket, k: jax.Array) -> _Plan:
   power = _powers(base, slots)
   inc = power - jnp.concatenate([jnp.zeros((1,), jnp.int32), power[:-1]])
   incs = jnp.where(digits, jnp.where(used, inc, 0), jnp.where(j == 0, 1, 0))
-  # Smallest shift with (span - 1) >> shift <= 254.
-  shift = jnp.sum(((span - 1)[None] >> jnp.arange(32, dtype=jnp.uint32)) > 254)
+  # Smallest shift with (window - 1) >> shift <= 253: buckets 2..255.
+  shift = jnp.sum(((window - 1)[None] >> jnp.arange(32, dtype=jnp.uint32)) > 253)
   return _Plan(kind.astype(jnp.int32), splits.astype(jnp.int32),
-               incs.astype(jnp.uint8), slots, base, shift.astype(jnp.uint32))
+               incs.astype(jnp.uint8), slots, base, window,
+               shift.astype(jnp.uint32))
 
 
 def _powers(base, slots):
@@ -389,8 +470,39 @@ def _powers(base, slots):
   return jnp.cumprod(factors)
 
 
-def _one_pivot(model: _Model, br: _Bracket, kf, c_lo, c_hi) -> jax.Array:
-  """A pivot overshooting the target so that the farther bracket end moves close."""
+def _sample_points(model: _Model, br: _Bracket) -> jax.Array:
+  """Number of sample keys inside the bracket."""
+  i_lo, i_hi = _sample_range(model, br)
+  return i_hi - i_lo
+
+
+def _tails(model: _Model, br: _Bracket, kf, c_lo, c_hi):
+  """Whether the target lies in the open top (bottom) tail beyond the sample.
+
+  Open top: nothing at or above ``hi``; open bottom: no non-NaN score below
+  ``lo``. The target is in the tail if it is among the ``2 * weight``
+  extreme scores there and no sampled tie (3 equal sample keys) sits at the
+  sample's edge in the bracket.
+  """
+  s = model.sample
+  size = s.shape[0]
+  beyond = 2.0 * model.weight
+  i_lo, i_hi = _sample_range(model, br)
+  tied_top = (i_hi - i_lo >= 3) & (s[jnp.clip(i_hi - 3, 0, size - 1)]
+                                   == s[jnp.clip(i_hi - 1, 0, size - 1)])
+  tied_bottom = (i_hi - i_lo >= 3) & (s[jnp.clip(i_lo, 0, size - 1)]
+                                      == s[jnp.clip(i_lo + 2, 0, size - 1)])
+  top = (c_hi == 0.0) & (kf - c_hi < beyond) & ~tied_top
+  bottom = br.open_lo & (c_lo - kf + 1.0 < beyond) & ~tied_bottom
+  return top, bottom
+
+
+def _one_pivot(model: _Model, br: _Bracket, kf, c_lo, c_hi, tail) -> jax.Array:
+  """A pivot overshooting the target so that the farther bracket end moves close.
+
+  In a tail beyond the sample (``tail``) the rescaled sample is used, which
+  puts the pivot on the last sample key before the tail.
+  """
   count = c_lo - c_hi
   d_lo = c_lo - kf + 1.0  # scores at or above lo that the target lies below
   d_hi = kf - c_hi
@@ -399,10 +511,9 @@ def _one_pivot(model: _Model, br: _Bracket, kf, c_lo, c_hi) -> jax.Array:
   sample_err = jnp.sqrt(near * model.weight) + model.weight
   linear_err = jnp.sqrt(near * (count - near) / jnp.maximum(count, 1.0)) + 1.0
   linear_err = linear_err + _CURVATURE * near
-  i_lo = jnp.searchsorted(model.sample, br.lo, side="left")
-  i_hi = jnp.searchsorted(model.sample, br.hi, side="left")
+  i_lo, i_hi = _sample_range(model, br)
   atom = model.atoms[i_hi] > model.atoms[i_lo]
-  use_sample = infinite | atom | (sample_err < linear_err)
+  use_sample = infinite | atom | tail | (sample_err < linear_err)
   err = jnp.where(use_sample, sample_err, linear_err)
   target = jnp.where(d_lo >= d_hi, kf + _MARGIN * err, kf - _MARGIN * err)
   target = jnp.clip(target, c_hi, c_lo)[None]
@@ -425,23 +536,39 @@ def _live_pivot(pivot: jax.Array, br: _Bracket) -> jax.Array:
   return jnp.minimum(pivot, _KEY_INF)
 
 
+def _beta_quantile(a, b, z):
+  """Approximate quantile of Beta(a, b) at the normal deviate ``z``.
+
+  Uses ``Ga / (Ga + Gb)`` with Wilson-Hilferty gamma quantiles (``Gb`` at
+  ``-z``), which keeps the skew of ranks near the ends of a bracket.
+  """
+
+  def gamma(shape, z):
+    return shape * jnp.maximum(1.0 - 1.0 / (9.0 * shape) + z / (3.0 * jnp.sqrt(shape)),
+                               0.0) ** 3
+
+  ga, gb = gamma(a, z), gamma(b, -z)
+  return ga / jnp.maximum(ga + gb, 1e-30)
+
+
 def _many_pivots(br: _Bracket, kf, c_lo, c_hi, slots, span) -> jax.Array:
   """``slots`` ascending pivots spread over where the target likely lies."""
   j = jnp.arange(_SLOTS, dtype=jnp.int32)
   count = jnp.maximum(c_lo - c_hi, 1.0)
-  # Position of the target as a fraction of the bracket, from the top, if
-  # the bracket scores were uniform in value, with its rough spread.
-  rank = (kf - c_hi - 0.5) / count
-  spread = jnp.sqrt(rank * (1.0 - rank) / (count + 2.0)) + 0.5 / count
-  edge = 0.5 / (count + 1.0)
-  top = jnp.clip(rank - _SPREAD * spread, edge, 1.0 - edge)
-  bottom = jnp.clip(rank + _SPREAD * spread, edge, 1.0 - edge)
+  # If the bracket scores were uniform in value, the target (the r-th
+  # largest of `count`) would sit at a Beta(r, count - r + 1) fraction of the
+  # bracket from the top; the splits cover its central +-_SPREAD sigma range.
+  r = kf - c_hi
+  top = _beta_quantile(r, count - r + 1.0, -_SPREAD)
+  bottom = _beta_quantile(r, count - r + 1.0, _SPREAD)
   step = (bottom - top) / jnp.maximum(slots - 1, 1).astype(jnp.float32)
   frac = bottom - step * j  # j = 0 is the lowest key
   pivots = _linear_inverse(br, c_lo, c_hi, c_hi + frac * count)
   spanf = span.astype(jnp.float32)
-  even = br.lo + ((j + 1) * spanf / (slots + 1)).astype(jnp.int32)
-  pivots = jnp.where(br.stall, even, pivots)
+  offsets = ((j + 1) * spanf / (slots + 1)).astype(jnp.uint32)  # span may pass 2**31
+  even = br.lo + lax.bitcast_convert_type(offsets, jnp.int32)
+  finite = jnp.isfinite(_key_value(br.lo)) & jnp.isfinite(_key_value(br.hi))
+  pivots = jnp.where(br.stall | ~finite, even, pivots)
   pivots = _spread_keys(pivots, slots, br.lo + 1, br.hi - 1)
   every = spanf - 1.0 <= slots.astype(jnp.float32)  # one split per remaining key
   return jnp.where(every, jnp.minimum(br.lo + 1 + j, br.hi - 1), pivots)
@@ -460,7 +587,7 @@ def _spread_keys(keys, slots, low, high):
 
 
 def _decode(sums, plan: _Plan, c_hi):
-  """Per-leaf counts ``#{key >= split_j}`` from digit sums, ``(L, 8)``."""
+  """Per-leaf counts ``#{key >= split_j}`` from digit sums, ``(L, _SLOTS)``."""
   j = jnp.arange(_SLOTS)
   used = j < plan.slots
   power = _powers(plan.base, plan.slots)
@@ -470,91 +597,99 @@ def _decode(sums, plan: _Plan, c_hi):
   return jnp.where(used[None, :], c_hi[:, None] + above, 0)
 
 
-def _extent_pass(leaves, lo, hi, shift, from_top: bool) -> jax.Array:
-  """Per-leaf max over bracket scores of ``1 + distance >> shift``, ``(L,)``.
+def _extent_pass(leaves, lo, hi, window, shift, from_top) -> jax.Array:
+  """Where the largest (or smallest) bracket score lies, per leaf, ``(L,)``.
 
-  The distance is ``key - lo`` (``from_top``) or ``hi - 1 - key``, so the
-  result is ``1 +`` the bucket of the leaf's largest (smallest) bracket
-  score, or 0 for a leaf without any.
+  The pass buckets the ``window`` keys at the top (``from_top``, a traced
+  bool) or bottom of the bracket ``[lo, hi)`` by ``2**shift`` and returns the
+  max over the leaf of a uint8 weight: 0 outside the bracket, 1 in the
+  bracket outside the window, and ``2 + bucket`` inside it, the bucket
+  counted from the window's far edge.
   """
+  edge = jnp.where(from_top, hi - window, lo + window)
 
-  def weight(key):
-    distance = key - lo if from_top else hi - 1 - key
+  def weight(chunk):
+    key = _keys(chunk)
+    distance = jnp.where(from_top, key - edge, edge - 1 - key)
     bucket = lax.bitcast_convert_type(distance, jnp.uint32) >> shift
-    return jnp.where((key >= lo) & (key < hi), bucket + 1, 0)
+    inside = jnp.where(from_top, key >= edge, key < edge)
+    w = jnp.where(inside, bucket + 2, 1)
+    return jnp.where((key >= lo) & (key < hi), w, 0)
 
-  out = []
-  for x in leaves:
-    best = jnp.float32(0)
-    for a, b in _chunks(x.shape[0]):
-      w = weight(_keys(x[a:b])).astype(jnp.uint8)
-      best = jnp.maximum(best, jnp.max(w.astype(jnp.float32)))
-    out.append(best.astype(jnp.int32))
-  return jnp.stack(out)
+  return jnp.stack([_reduce(x, weight, jnp.max) for x in leaves])
+
+
+def _bucket_range(weight, shift, window):
+  """Offsets ``[start, end)`` in the window of the bucket of extent ``weight >= 2``."""
+  start = lax.bitcast_convert_type(weight - 2, jnp.uint32) << shift
+  end = start + jnp.minimum(jnp.uint32(1) << shift, window - start)  # no wrap-around
+  return start, end
 
 
 def _measure(leaves, br: _Bracket, plan: _Plan):
-  """Runs the planned pass: ``(splits, per-leaf #{key >= split})``.
+  """Runs the planned pass.
 
-  Splits come back ascending, with unused ones at ``_KEY_TOP``.
+  Returns ``(splits, counts, width)``: split keys (unused ones ``_KEY_TOP``),
+  the per-leaf ``#{key >= split}`` of each, ``(L, _SLOTS)``, and for extent
+  passes the new bound on where the extreme bracket score lies (else 0).
   """
   num = len(leaves)
-  span = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
   unused_splits = jnp.full((_SLOTS,), _KEY_TOP, jnp.int32)
   unused_counts = jnp.zeros((num, _SLOTS), jnp.int32)
+  none = jnp.uint32(0)
 
   def by_count(_):
     counts = _count_pass(leaves, plan.splits[0])
-    return plan.splits, unused_counts.at[:, 0].set(counts)
+    return plan.splits, unused_counts.at[:, 0].set(counts), none
 
   def by_digits(_):
     sums = _digit_pass(leaves, plan.splits, plan.incs, br.lo, br.hi)
-    return plan.splits, _decode(sums, plan, br.c_hi)
+    return plan.splits, _decode(sums, plan, br.c_hi), none
 
-  def by_top(_):
-    # Nothing lies above the bucket of the largest bracket score, so hi can
-    # come down to its end; a lone bracket score also pins lo.
-    best = _extent_pass(leaves, br.lo, br.hi, plan.shift, from_top=True)
-    bucket = lax.bitcast_convert_type(jnp.max(best), jnp.uint32)  # 1-based
-    end = jnp.minimum(bucket << plan.shift, span)
-    start = (bucket - 1) << plan.shift
-    hi = br.lo + lax.bitcast_convert_type(end, jnp.int32)
-    lo = br.lo + lax.bitcast_convert_type(start, jnp.int32)
-    lone = jnp.sum(br.c_lo - br.c_hi) == 1
-    splits = unused_splits.at[0].set(jnp.where(lone, lo, _KEY_TOP)).at[1].set(hi)
-    counts = unused_counts.at[:, 0].set(br.c_hi + (best > 0)).at[:, 1].set(br.c_hi)
-    return splits, counts
+  def by_extent(_):
+    # Nothing lies above (below) the bucket of the largest (smallest) bracket
+    # score, so hi comes down (lo goes up) to the bucket's end; a lone
+    # bracket score also pins lo.
+    from_top = plan.kind == _TOP
+    best = _extent_pass(leaves, br.lo, br.hi, plan.window, plan.shift, from_top)
+    weight = jnp.max(best)
+    inside = weight >= 2
+    start, end = _bucket_range(weight, plan.shift, plan.window)
+    width = jnp.where(inside, end - start, none)
+    win = lax.bitcast_convert_type(plan.window, jnp.int32)
+    start = lax.bitcast_convert_type(start, jnp.int32)
+    end = lax.bitcast_convert_type(end, jnp.int32)
+    # From the top: the bucket is [hi - win + start, hi - win + end).
+    top_edge = br.hi - win
+    hi = jnp.where(inside, top_edge + end, top_edge)
+    lone = inside & (jnp.sum(br.c_lo - br.c_hi) == 1)
+    top_lo = jnp.where(lone, top_edge + start, _KEY_TOP)
+    # From the bottom: the bucket is [lo + win - end, lo + win - start).
+    bottom_edge = br.lo + win
+    lo = jnp.where(inside, bottom_edge - end, bottom_edge)
+    splits = jnp.where(from_top, unused_splits.at[0].set(top_lo).at[1].set(hi),
+                       unused_splits.at[0].set(lo))
+    top_counts = unused_counts.at[:, 0].set(br.c_hi + (best >= 2)).at[:, 1].set(br.c_hi)
+    counts = jnp.where(from_top, top_counts, unused_counts.at[:, 0].set(br.c_lo))
+    return splits, counts, width
 
-  def by_bottom(_):
-    # Nothing in the bracket lies below the bucket of its smallest score.
-    best = _extent_pass(leaves, br.lo, br.hi, plan.shift, from_top=False)
-    bucket = lax.bitcast_convert_type(jnp.max(best), jnp.uint32)
-    depth = jnp.minimum(bucket << plan.shift, span)
-    lo = br.hi - lax.bitcast_convert_type(depth, jnp.int32)
-    return unused_splits.at[0].set(lo), unused_counts.at[:, 0].set(br.c_lo)
-
-  return lax.switch(plan.kind, (by_count, by_digits, by_top, by_bottom), None)
+  branch = jnp.minimum(plan.kind, _TOP)  # both extents share one kernel
+  return lax.switch(branch, (by_count, by_digits, by_extent), None)
 
 
-def _search(leaves, k, model: _Model, skip: jax.Array) -> _Bracket:
+def _search(leaves, k, model: _Model, done: jax.Array) -> _Bracket:
   """Bracket with ``hi == lo + 1``: ``lo`` is the key of the k-th largest score.
 
-  With ``skip`` no pass runs and the bracket is ``[_KEY_NAN, _KEY_NAN + 1)``
+  With ``done`` no pass runs and the bracket is ``[_KEY_NAN, _KEY_NAN + 1)``
   with made-up counts; callers use it when every or no score is kept.
   """
-  num = len(leaves)
-  start = _Bracket(
-      lo=jnp.int32(_KEY_NAN),
-      hi=jnp.where(skip, _KEY_NAN + 1, _KEY_TOP).astype(jnp.int32),
-      c_lo=jnp.array([x.shape[0] for x in leaves], jnp.int32),
-      c_hi=jnp.zeros((num,), jnp.int32),
-      stall=jnp.bool_(False))
 
   def unfinished(br):
     return lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32) > 1
 
   def step(br):
-    splits, per_leaf = _measure(leaves, br, _plan(model, br, k))
+    plan = _plan(model, br, k)
+    splits, per_leaf, width = _measure(leaves, br, plan)
     totals = jnp.sum(per_leaf, axis=0)
     real = splits < _KEY_TOP
     up = real & (totals >= k)  # these splits may become lo
@@ -572,10 +707,17 @@ def _search(leaves, k, model: _Model, skip: jax.Array) -> _Bracket:
     fewer_keys = new <= old - old // 4
     fewer_scores = 4 * (jnp.sum(c_lo) - jnp.sum(c_hi)) <= 3 * (
         jnp.sum(br.c_lo) - jnp.sum(br.c_hi))
-    stall = ~(fewer_keys | fewer_scores) & ~br.stall
-    return _Bracket(lo, hi, c_lo, c_hi, stall)
+    extent = (plan.kind == _TOP) | (plan.kind == _BOTTOM)  # these shrink a window
+    stall = ~(fewer_keys | fewer_scores | extent) & ~br.stall
+    # The bound on the largest bracket score survives a rise of lo but not a
+    # fall of hi (and symmetrically for the smallest one).
+    top_w = jnp.where(plan.kind == _TOP, width, jnp.where(hi == br.hi, br.top_w, 0))
+    bot_w = jnp.where(plan.kind == _BOTTOM, width, jnp.where(lo == br.lo, br.bot_w, 0))
+    open_lo = (lo == -_KEY_INF) | (br.open_lo & ((lo == br.lo) | (plan.kind == _BOTTOM)))
+    return _Bracket(lo, hi, c_lo, c_hi, stall, top_w.astype(jnp.uint32),
+                    bot_w.astype(jnp.uint32), open_lo)
 
-  return lax.while_loop(unfinished, step, start)
+  return lax.while_loop(unfinished, step, _start(leaves, done))
 
 
 # ----------------------------------------------------------------------------
@@ -583,18 +725,35 @@ def _search(leaves, k, model: _Model, skip: jax.Array) -> _Bracket:
 # ----------------------------------------------------------------------------
 
 
-def _tie_cut(x: jax.Array, key: jax.Array, keep: jax.Array) -> jax.Array:
-  """Flat index just after the ``keep``-th (1-based) score equal to ``key``."""
-  eq = _keys(x) == key
+def _tie_cut(x: jax.Array, key: jax.Array, keep: jax.Array, ties: jax.Array) -> jax.Array:
+  """Flat index just after the ``keep``-th (1-based) of the ``ties`` scores with ``key``.
 
-  def first(_):
-    return jnp.argmax(eq).astype(jnp.int32) + 1
+  A search over flat indices on exact prefix counts: interpolation (exact at
+  once when every score is tied), with every other step a bisection.
+  """
+  n = x.shape[0]
 
-  def later(_):
-    seen = jnp.cumsum(eq.astype(jnp.int32))
-    return jnp.argmax(seen >= keep).astype(jnp.int32) + 1
+  def before(j):  # ties at flat indices below j
+    total = jnp.int32(0)
+    for a, b in _chunks(n):
+      hit = (_keys(x[a:b]) == key) & (a + lax.iota(jnp.int32, b - a) < j)
+      total = total + jnp.sum(hit.astype(jnp.uint8).astype(jnp.float32)).astype(jnp.int32)
+    return total
 
-  return lax.cond(keep == 1, first, later, None)
+  def step(state):
+    lo, hi, c_lo, c_hi, bisect = state  # c_lo < keep <= c_hi
+    frac = (keep - c_lo - 0.5) / (c_hi - c_lo).astype(jnp.float32)
+    guess = lo + (frac * (hi - lo).astype(jnp.float32)).astype(jnp.int32)
+    mid = jnp.clip(jnp.where(bisect, lo + (hi - lo) // 2, guess), lo + 1, hi - 1)
+    c_mid = before(mid)
+    up = c_mid >= keep
+    new_lo, new_hi = jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+    halved = 2 * (new_hi - new_lo) <= hi - lo
+    return (new_lo, new_hi, jnp.where(up, c_lo, c_mid), jnp.where(up, c_mid, c_hi),
+            ~halved & ~bisect)
+
+  start = (jnp.int32(0), jnp.int32(n), jnp.int32(0), ties, jnp.bool_(False))
+  return lax.while_loop(lambda s: s[1] - s[0] > 1, step, start)[1]
 
 
 def _masks_from_bracket(leaves, k, br: _Bracket) -> list[jax.Array]:
@@ -608,7 +767,7 @@ def _masks_from_bracket(leaves, k, br: _Bracket) -> list[jax.Array]:
   masks = []
   for i, x in enumerate(leaves):
     partial = (keep[i] > 0) & (keep[i] < eq[i])
-    cut = lax.cond(partial, lambda x=x, i=i: _tie_cut(x, thresh, keep[i]),
+    cut = lax.cond(partial, lambda x=x, i=i: _tie_cut(x, thresh, keep[i], eq[i]),
                    lambda i=i: jnp.where(keep[i] > 0, sizes[i], 0))
     key = _keys(x)
     index = lax.iota(jnp.int32, x.shape[0])
@@ -643,37 +802,58 @@ def _flat_leaves(scores: Any) -> tuple[list[jax.Array], Any, list[tuple[int, ...
   return leaves, treedef, shapes
 
 
-def _select(leaves: list[jax.Array], k: jax.Array, skip: jax.Array) -> _Bracket:
+# ----------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------
+
+
+def _select(leaves: list[jax.Array], k: jax.Array, done: jax.Array) -> _Bracket:
+  """Bracket of the k-th largest key of non-empty flat leaves, ``k >= 1`` or ``done``."""
   total = sum(x.shape[0] for x in leaves)
   model = _make_model(_sample_keys(leaves, total), total)
-  k = jnp.maximum(k, 1)
-  br = _search(leaves, k, model, skip)
-  return lax.cond(_holds(br, k), lambda: br, lambda: _bisect(leaves, k))
+  return _search(leaves, jnp.maximum(k, 1), model, done)
 
 
-def _holds(br: _Bracket, k: jax.Array) -> jax.Array:
-  """The bracket invariant: one key wide, ``#{key >= lo} >= k > #{key >= hi}``."""
-  width = lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32)
-  return (width == 1) & (jnp.sum(br.c_lo) >= k) & (jnp.sum(br.c_hi) < k)
+def _row_by_row(fn):
+  """A ``custom_vmap`` rule that runs ``fn`` on one row at a time (``lax.map``).
+
+  Plain batching would turn the search's ``lax.cond``/``lax.switch`` into
+  selects that run every kind of pass at every step, for every row.
+  """
+
+  def rule(axis_size, in_batched, *args):
+    def batched(x, b):
+      return x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+
+    args = jax.tree.map(batched, args, tuple(in_batched))
+    out = lax.map(lambda row: fn(*row), args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return rule
 
 
-def _bisect(leaves: list[jax.Array], k: jax.Array) -> _Bracket:
-  """Plain bisection of the key range, 32 counting passes: the guaranteed fallback for any
-  input on which the guided search ends without its invariant (a far outlier at the top)."""
-  num = len(leaves)
-  start = _Bracket(jnp.int32(_KEY_NAN), jnp.int32(_KEY_TOP),
-                   jnp.array([x.shape[0] for x in leaves], jnp.int32),
-                   jnp.zeros((num,), jnp.int32), jnp.bool_(False))
+@jax.custom_batching.custom_vmap
+def _searched_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+  """Flat masks of non-empty flat leaves by the counting search."""
+  total = sum(x.shape[0] for x in leaves)
+  # Keeping all scores needs no threshold: the bracket is then
+  # [_KEY_NAN, _KEY_NAN + 1) with every score counted as a kept tie.
+  br = _select(leaves, k, (k == 0) | (k >= total))
+  return _masks_from_bracket(leaves, k, br)
 
-  def step(br):
-    mid = _key_midpoint(br.lo, br.hi)
-    counts = _count_pass(leaves, mid)
-    up = jnp.sum(counts) >= k
-    return _Bracket(jnp.where(up, mid, br.lo), jnp.where(up, br.hi, mid),
-                    jnp.where(up, counts, br.c_lo), jnp.where(up, br.c_hi, counts), br.stall)
 
-  return lax.while_loop(
-      lambda br: lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32) > 1, step, start)
+_searched_masks.def_vmap(_row_by_row(_searched_masks))
+
+
+@jax.custom_batching.custom_vmap
+def _searched_value(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
+  """The k-th largest score of non-empty flat leaves by the counting search."""
+  br = _select(leaves, k, k == 0)
+  value = jnp.where(br.lo == _KEY_NAN, jnp.nan, _key_value(br.lo))
+  return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
+
+
+_searched_value.def_vmap(_row_by_row(_searched_value))
 
 
 def global_topk_masks(scores: Any, k: Any) -> Any:
@@ -707,11 +887,7 @@ def _global_topk_flat(leaves: list[jax.Array], k: Any) -> list[jax.Array]:
     return [jnp.zeros(x.shape, bool) for x in leaves]
   if total <= _SMALL_TOTAL:
     return _sorted_masks(leaves, k)
-  live = [x for x in leaves if x.shape[0] > 0]
-  # Keeping all scores needs no threshold: the bracket is then
-  # [_KEY_NAN, _KEY_NAN + 1) with every score counted as a kept tie.
-  br = _select(live, k, (k == 0) | (k >= total))
-  flat = iter(_masks_from_bracket(live, k, br))
+  flat = iter(_searched_masks([x for x in leaves if x.shape[0] > 0], k))
   return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
 
 
@@ -749,12 +925,18 @@ def kth_largest(scores: Any, k: Any) -> jax.Array:
   ``+0.0``.
   """
   leaves, _, _ = _flat_leaves(scores)
+  return _kth_largest_flat(leaves, k)
+
+
+@jax.jit
+def _kth_largest_flat(leaves: list[jax.Array], k: Any) -> jax.Array:
   total = sum(x.shape[0] for x in leaves)
   k = _clip_k(k, total)
-  live = [x for x in leaves if x.shape[0] > 0]
-  if not live:
+  if total == 0:
     return jnp.float32(jnp.inf)
-  br = _select(live, k, k == 0)
-  value = _key_value(br.lo)
-  value = jnp.where(br.lo == _KEY_NAN, jnp.nan, value)
-  return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
+  if total <= _SMALL_TOTAL:
+    keys = jnp.sort(jnp.concatenate([_keys(x) for x in leaves]))
+    key = keys[jnp.clip(total - k, 0, total - 1)]
+    value = jnp.where(key == _KEY_NAN, jnp.nan, _key_value(key))
+    return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
+  return _searched_value([x for x in leaves if x.shape[0] > 0], k)
