@@ -887,7 +887,10 @@ def _global_topk_flat(leaves: list[jax.Array], k: Any) -> list[jax.Array]:
     return [jnp.zeros(x.shape, bool) for x in leaves]
   if total <= _SMALL_TOTAL:
     return _sorted_masks(leaves, k)
-  flat = iter(_searched_masks([x for x in leaves if x.shape[0] > 0], k))
+  # Selection has no gradient; stop_gradient keeps JVP tracers (jax.grad of a loss that
+  # builds masks from its own weights) out of the custom_vmap, which has no JVP rule.
+  live = [lax.stop_gradient(x) for x in leaves if x.shape[0] > 0]
+  flat = iter(_searched_masks(live, k))
   return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
 
 
@@ -939,4 +942,4 @@ def _kth_largest_flat(leaves: list[jax.Array], k: Any) -> jax.Array:
     key = keys[jnp.clip(total - k, 0, total - 1)]
     value = jnp.where(key == _KEY_NAN, jnp.nan, _key_value(key))
     return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
-  return _searched_value([x for x in leaves if x.shape[0] > 0], k)
+  return _searched_value([lax.stop_gradient(x) for x in leaves if x.shape[0] > 0], k)

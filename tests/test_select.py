@@ -289,6 +289,17 @@ def test_vmap_of_big_rows_with_per_row_k():
   np.testing.assert_array_equal(np.asarray(shared).sum(axis=1), ks)
 
 
+def test_gradients_flow_through_masks_and_stop_at_the_selection():
+  # A loss that builds its mask from the weights it differentiates (straight-through style):
+  # the selection itself has zero gradient, on both the sort and the search paths.
+  for n in (300, BIG):
+    w = jnp.asarray(_big_scores("normal", seed=4, n=n))
+    mask = select.topk_mask(w, n // 10)
+    grad = jax.grad(lambda w: jnp.sum(w * select.topk_mask(w, n // 10)))(w)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(mask, np.float32))
+    assert float(jax.grad(lambda w: select.kth_largest(w, 5))(w).sum()) == 0.0
+
+
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, -0.0]), min_size=1, max_size=60),
                   st.data())
