@@ -166,7 +166,10 @@ def test_bfloat16_and_float16_scores(n):
 def test_leaves_longer_than_a_chunk(monkeypatch):
   # f32 sums are exact below 2**24 terms, so longer leaves are reduced in chunks;
   # shrink the chunk to exercise that path (a new shape, so a new trace).
-  monkeypatch.setattr(select, "_CHUNK", 10_000)
+  passes = select._passes
+  monkeypatch.setattr(passes, "CHUNK", 10_000)
+  ranges, chunks = [], passes.chunks
+  monkeypatch.setattr(passes, "chunks", lambda n: ranges.append(chunks(n)) or ranges[-1])
   x = _big_scores("few_values", seed=5, n=BIG + 3)
   for k in (1, 3_333, BIG // 2, BIG + 2):
     np.testing.assert_array_equal(np.asarray(select.topk_mask(jnp.asarray(x), k)),
@@ -175,6 +178,7 @@ def test_leaves_longer_than_a_chunk(monkeypatch):
   for k in (1, 2, BIG):  # the extent passes, with chunk maxima
     np.testing.assert_array_equal(np.asarray(select.topk_mask(jnp.asarray(x), k)),
                                   _reference(x, k), err_msg=f"k={k}")
+  assert max(len(r) for r in ranges) == 8  # 7 chunks of 10,000 and the ragged tail
 
 
 def test_any_shape_is_ranked_row_major():
