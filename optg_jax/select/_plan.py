@@ -166,31 +166,18 @@ def _live_pivot(pivot: jax.Array, br: Bracket) -> jax.Array:
   return jnp.minimum(pivot, KEY_INF)
 
 
-def _beta_quantile(a, b, z):
-  """Approximate quantile of Beta(a, b) at the normal deviate ``z``.
-
-  Uses ``Ga / (Ga + Gb)`` with Wilson-Hilferty gamma quantiles (``Gb`` at
-  ``-z``), which keeps the skew of ranks near the ends of a bracket.
-  """
-
-  def gamma(shape, z):
-    return shape * jnp.maximum(1.0 - 1.0 / (9.0 * shape) + z / (3.0 * jnp.sqrt(shape)),
-                               0.0) ** 3
-
-  ga, gb = gamma(a, z), gamma(b, -z)
-  return ga / jnp.maximum(ga + gb, 1e-30)
-
-
 def _many_pivots(br: Bracket, kf, c_lo, c_hi, slots, span) -> jax.Array:
   """The ``slots`` ascending splits of a digit pass, spread over where the target likely lies."""
   j = jnp.arange(SLOTS, dtype=jnp.int32)
   count = jnp.maximum(c_lo - c_hi, 1.0)
-  # If the bracket scores were uniform in value, the target (the r-th
-  # largest of `count`) would sit at a Beta(r, count - r + 1) fraction of the
-  # bracket from the top; the splits cover its central +-SPREAD sigma range.
-  r = kf - c_hi
-  top = _beta_quantile(r, count - r + 1.0, -SPREAD)
-  bottom = _beta_quantile(r, count - r + 1.0, SPREAD)
+  # Where the target lies as a fraction of the bracket from the top, if the
+  # bracket scores were uniform in value, and its standard error; the splits
+  # cover +-SPREAD errors around it.
+  rank = (kf - c_hi - 0.5) / count
+  spread = jnp.sqrt(rank * (1.0 - rank) / (count + 2.0)) + 0.5 / count
+  edge = 0.5 / (count + 1.0)
+  top = jnp.clip(rank - SPREAD * spread, edge, 1.0 - edge)
+  bottom = jnp.clip(rank + SPREAD * spread, edge, 1.0 - edge)
   step = (bottom - top) / jnp.maximum(slots - 1, 1).astype(jnp.float32)
   frac = bottom - step * j  # j = 0 is the lowest key
   pivots = _linear_inverse(br, c_lo, c_hi, c_hi + frac * count)
