@@ -1,10 +1,10 @@
 """Global mask refresh: exact top-k over a ResNet-50-shaped score tree, vs a full sort.
 
-For N from 1M to 25.5M (the ResNet-50 prunable kernels, 54 leaves, scaled down by keeping a
-prefix of the leaves), times the jitted ``select.global_topk_masks`` at 90% sparsity on
-normal-distributed scores, on OptG-like scores (half exact zeros, the rest tiny), and on all-tied
-scores, and ``jnp.sort`` of the same N scores concatenated, all in one run on this machine.
-Times are medians over ``--repeats`` runs after compilation; nothing is asserted.
+For N from 1M to 25.5M (the ResNet-50 prunable kernels: 54 leaves, every leaf scaled by
+N / 25.5M), times the jitted ``select.global_topk_masks`` at 90% sparsity on normal-distributed
+scores, on OptG-like scores (half exact zeros, the rest tiny), and on all-tied scores, and
+``jnp.sort`` of the same N scores concatenated, all in one run on this machine. Times are medians
+over ``--repeats`` runs after compilation (``block_until_ready``); nothing is asserted.
 
   python benchmarks/mask_refresh.py            # full table
   python benchmarks/mask_refresh.py --quick    # small N only, a smoke test
@@ -31,18 +31,10 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
   return [x.shape for x in jax.tree.leaves(variables["params"]) if len(x.shape) >= 2]
 
 
-def leaves_up_to(shapes: list[tuple[int, ...]], n: int) -> list[tuple[int, ...]]:
-  """A prefix of ``shapes`` with about ``n`` entries in all (the last leaf trimmed to fit)."""
-  out, total = [], 0
-  for shape in shapes:
-    size = int(np.prod(shape))
-    if total + size > n:
-      if n - total > 0:
-        out.append((n - total,))
-      break
-    out.append(shape)
-    total += size
-  return out
+def scaled(shapes: list[tuple[int, ...]], n: int) -> list[tuple[int, ...]]:
+  """Flat leaf shapes with the proportions of ``shapes`` and about ``n`` entries in all."""
+  full = sum(int(np.prod(s)) for s in shapes)
+  return [(max(1, round(int(np.prod(s)) * n / full)),) for s in shapes]
 
 
 def median_ms(fn, *args, repeats: int) -> float:
@@ -72,7 +64,8 @@ def main():
   topk = jax.jit(select.global_topk_masks)
   sort = jax.jit(lambda leaves: jnp.sort(jnp.concatenate([x.ravel() for x in leaves])))
   for n in sizes:
-    leaf_shapes = leaves_up_to(shapes, n)
+    leaf_shapes = shapes if n == full else scaled(shapes, n)
+    n = sum(int(np.prod(s)) for s in leaf_shapes)
     keys = jax.random.split(jax.random.key(n), 2 * len(leaf_shapes))
     normal = [jax.random.normal(k, s) for k, s in zip(keys, leaf_shapes)]
     optg_like = [jnp.where(jax.random.bernoulli(k, 0.5, s), 0.0, 1e-6 * x)

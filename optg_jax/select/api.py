@@ -1,0 +1,221 @@
+"""The public functions: keep counts, top-k masks over arrays and pytrees, k-th values."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from optg_jax.select import _keep
+from optg_jax.select import _keys
+from optg_jax.select import _masks
+from optg_jax.select import _search
+from optg_jax.select._keys import KEY_NAN
+
+SMALL_TOTAL = 1 << 16  # pools up to this many scores are ranked by one sort
+
+
+def keep_count(n: int, sparsity: Any) -> int | jax.Array:
+  """Number of weights kept out of ``n`` at ``sparsity``: ``n - floor(sparsity * n)``.
+
+  Args:
+    n: total number of weights, a non-negative Python int (at most
+      ``2**31 - 1`` when ``sparsity`` is an array).
+    sparsity: fraction pruned. A Python or NumPy scalar in ``[0, 1)`` gives an
+      exact Python int, reading the float as the shortest decimal that
+      represents it (0.7 is 7/10, so 0.7 of 200 prunes 140) and taking the
+      product in rationals. A JAX array (for instance a schedule value inside
+      ``jit``) is read as float32 and gives an int32 scalar array, exactly
+      ``n - floor(p * n)`` for that float32 value ``p`` (no decimal reading:
+      ``float32(0.7)`` is a little below 0.7); traced values cannot raise, so
+      the result is clipped to ``[0, n]`` instead (``p <= 0`` keeps ``n``,
+      ``p >= 1`` keeps 0, NaN keeps ``n``).
+
+  Returns:
+    The keep count ``k``.
+
+  Raises:
+    ValueError: ``n < 0``, or a concrete ``sparsity`` outside ``[0, 1)`` or NaN.
+    TypeError: ``n`` is not an integer or ``sparsity`` is not a real scalar.
+  """
+  n = _keep.check_n(n)
+  if isinstance(sparsity, jax.Array):
+    if n > 2**31 - 1:
+      raise ValueError(f"n must be < 2**31 for an array sparsity, got {n}.")
+    return _keep.keep_count_array(n, sparsity)
+  _keep.check_sparsity(sparsity)
+  return n - math.floor(_keep.shortest_decimal(sparsity) * n)
+
+
+def global_topk_masks(scores: Any, k: Any) -> Any:
+  """Masks keeping exactly the ``k`` largest scores over a whole pytree.
+
+  Works leaf by leaf: above 65,536 scores in all the leaves are never
+  concatenated (only a sample of about 65k is). Jits, vmaps (``k`` may differ
+  per row) and lets gradients through (the selection itself has none).
+
+  Args:
+    scores: a pytree of float32/bfloat16/float16 arrays, any shapes.
+    k: number of scores kept in total, a Python int or an integer (traced)
+      scalar; clipped to ``[0, total size]``.
+
+  Returns:
+    A pytree of bool arrays with the structure and shapes of ``scores`` and
+    exactly ``k`` True entries in total. Ties at the threshold keep the
+    earlier leaf (``jax.tree_util.tree_leaves`` order), then the lower flat
+    (row-major) index; NaN ranks below ``-inf`` and ``-0.0`` equals ``+0.0``.
+  """
+  leaves, treedef, shapes = _flat_leaves(scores)
+  masks = _global_topk_flat(leaves, k)
+  return jax.tree_util.tree_unflatten(
+      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
+
+
+def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
+  """Bool mask of ``scores``' shape keeping exactly its ``k`` largest entries.
+
+  Args:
+    scores: float32/bfloat16/float16 array of any shape.
+    k: Python int or integer (traced) scalar, clipped to ``[0, scores.size]``.
+      Under ``jax.vmap`` it may differ per row.
+
+  Returns:
+    A bool array, True at the ``k`` largest scores; ties at the threshold keep
+    the lower flat (row-major) index, NaN ranks below ``-inf``.
+  """
+  return global_topk_masks(_keys.check_scores(scores, ""), k)
+
+
+def kth_largest(scores: Any, k: Any) -> jax.Array:
+  """The ``k``-th largest score over a pytree (1-based), as a float32 scalar.
+
+  The masks of `global_topk_masks` keep every score above this value and
+  some of the ties equal to it. ``k`` is clipped to ``[0, total size]``;
+  ``k == 0`` gives ``+inf``, a NaN k-th score gives NaN, a zero gives
+  ``+0.0``. Its gradient is zero.
+  """
+  leaves, _, _ = _flat_leaves(scores)
+  return _kth_largest_flat(leaves, k)
+
+
+# ----------------------------------------------------------------------------
+# Flat leaves, jitted.
+# ----------------------------------------------------------------------------
+
+
+def _flat_leaves(scores: Any) -> tuple[list[jax.Array], Any, list[tuple[int, ...]]]:
+  """Checked flat leaves of a pytree of scores, its treedef and the leaf shapes."""
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(scores)
+  leaves, shapes = [], []
+  for path, leaf in paths_leaves:
+    where = jax.tree_util.keystr(path) if path else ""
+    x = _keys.check_scores(leaf, where)
+    shapes.append(x.shape)
+    leaves.append(x.reshape(-1))
+  total = sum(x.shape[0] for x in leaves)
+  if total > 2**31 - 1:
+    raise ValueError(f"scores has {total} entries; at most 2**31 - 1 are supported.")
+  return leaves, treedef, shapes
+
+
+def _clip_k(k: Any, total: int) -> jax.Array:
+  """``k`` as an int32 scalar clipped to ``[0, total]``; rejects bools, floats and arrays."""
+  if isinstance(k, (bool, np.bool_)):
+    raise TypeError(f"k must be an integer, got {k!r}.")
+  if isinstance(k, (int, np.integer)):
+    return jnp.int32(min(max(int(k), 0), total))
+  k = jnp.asarray(k)
+  if not jnp.issubdtype(k.dtype, jnp.integer):
+    raise TypeError(f"k must be an integer, got dtype {k.dtype}.")
+  if k.ndim != 0:
+    raise ValueError(f"k must be a scalar, got shape {k.shape}.")
+  return jnp.clip(k, 0, total).astype(jnp.int32)
+
+
+def _live(leaves: list[jax.Array]) -> list[jax.Array]:
+  """The non-empty leaves, gradient stopped.
+
+  Selection has no gradient; stopping it keeps JVP tracers (``jax.grad`` of
+  a loss that builds masks from its own weights) out of the ``custom_vmap``
+  functions, which have no JVP rule.
+  """
+  return [lax.stop_gradient(x) for x in leaves if x.shape[0] > 0]
+
+
+def _kth_value(key: jax.Array, k: jax.Array) -> jax.Array:
+  """float32 value of the k-th largest key: NaN for ``KEY_NAN``, +inf for ``k == 0``."""
+  value = jnp.where(key == KEY_NAN, jnp.nan, _keys.key_value(key))
+  return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
+
+
+@jax.jit
+def _global_topk_flat(leaves: list[jax.Array], k: Any) -> list[jax.Array]:
+  """Flat bool masks of flat leaves (jitted: calls outside ``jit`` compile once per shape)."""
+  total = sum(x.shape[0] for x in leaves)
+  k = _clip_k(k, total)
+  if total == 0:
+    return [jnp.zeros(x.shape, bool) for x in leaves]
+  if total <= SMALL_TOTAL:
+    return _masks.by_sort(leaves, k)
+  flat = iter(_searched_masks(_live(leaves), k))
+  return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
+
+
+@jax.jit
+def _kth_largest_flat(leaves: list[jax.Array], k: Any) -> jax.Array:
+  """`kth_largest` of flat leaves (jitted)."""
+  total = sum(x.shape[0] for x in leaves)
+  k = _clip_k(k, total)
+  if total == 0:
+    return jnp.float32(jnp.inf)
+  if total <= SMALL_TOTAL:
+    keys = jnp.sort(_masks.pooled_keys(leaves))
+    return _kth_value(keys[jnp.clip(total - k, 0, total - 1)], k)
+  return _searched_value(_live(leaves), k)
+
+
+# ----------------------------------------------------------------------------
+# The counting search, one row at a time under vmap.
+# ----------------------------------------------------------------------------
+
+
+def _row_by_row(fn):
+  """A ``custom_vmap`` rule that runs ``fn`` on one row at a time (``lax.map``).
+
+  Plain batching would turn the search's ``lax.cond``/``lax.switch`` into
+  selects that run every kind of pass at every step, for every row.
+  """
+
+  def rule(axis_size, in_batched, *args):
+    def batched(x, b):
+      return x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+
+    args = jax.tree.map(batched, args, tuple(in_batched))
+    out = lax.map(lambda row: fn(*row), args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return rule
+
+
+@jax.custom_batching.custom_vmap
+def _searched_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+  """Flat masks of non-empty flat leaves by the counting search, ``0 <= k <= total``."""
+  total = sum(x.shape[0] for x in leaves)
+  # Keeping all or no scores needs no threshold: the bracket is then
+  # [KEY_NAN, KEY_NAN + 1) with every score counted as a tie.
+  br = _search.select(leaves, k, (k == 0) | (k >= total))
+  return _masks.from_bracket(leaves, k, br)
+
+
+@jax.custom_batching.custom_vmap
+def _searched_value(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
+  """The k-th largest score of non-empty flat leaves by the counting search."""
+  return _kth_value(_search.select(leaves, k, k == 0).lo, k)
+
+
+_searched_masks.def_vmap(_row_by_row(_searched_masks))
+_searched_value.def_vmap(_row_by_row(_searched_value))
