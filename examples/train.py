@@ -3,7 +3,7 @@
   python examples/train.py --method optg --sparsity 0.98 --model lenet300100 --dataset mnist5k \\
       --workdir /tmp/optg_lenet
 
-Each method trains with its reference chain (``optg_jax.presets.make_optimizer``) and the
+Each method trains with its reference chain (``optg_jax.recipes.make_optimizer``) and the
 reference hyperparameters of the model (``PRESETS``, from the OptG paper's configs); every flag
 overrides them. The one train step is jitted and runs data parallel over all local devices.
 After each epoch the run evaluates on the test split, saves an orbax checkpoint into
@@ -40,7 +40,7 @@ from optg_jax import data
 from optg_jax import masks as masks_lib
 from optg_jax import models
 from optg_jax import parallel
-from optg_jax import presets
+from optg_jax import recipes
 from optg_jax import report
 from optg_jax import training
 from optg_jax.methods import base
@@ -54,7 +54,7 @@ IN_MEMORY = ("mnist5k", "mnist", "cifar10", "cifar100")  # small enough to decod
 
 class Preset(NamedTuple):
   """Reference hyperparameters of a model: SGD momentum 0.9 on the per-epoch warm-up + cosine
-  learning rate of ``presets.warmup_cosine_per_epoch``, peak ``lr``."""
+  learning rate of ``recipes.warmup_cosine_per_epoch``, peak ``lr``."""
   epochs: int
   batch_size: int
   lr: float
@@ -77,8 +77,8 @@ PRESETS: dict[str, Preset] = {
 def reference_preset(method: str, model: str) -> Preset:
   """The reference budget of ``model``. Every method trains with it (OptG's configs; the
   baselines are compared at the same budget), so ``method`` only has to be a known one."""
-  if method not in presets.METHODS:
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(presets.METHODS)}")
+  if method not in recipes.names():
+    raise ValueError(f"unknown method {method!r}; valid: {', '.join(recipes.names())}")
   return PRESETS[model]
 
 
@@ -122,7 +122,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
   add = parser.add_argument
-  add("--method", choices=presets.METHODS, default=None, help="default optg")
+  add("--method", choices=recipes.names(), default=None, help="default optg")
   add("--sparsity", type=float, default=None, help="target sparsity in [0, 1); default 0.9")
   add("--model", type=str.lower, choices=models.MODELS, default=None, help="default lenet300100")
   add("--dataset", choices=data.KNOWN_DATASETS, default=None, help="default mnist5k")
@@ -227,7 +227,7 @@ def build(cfg: Config, data_dir: str | None) -> Setup:
     if spe < 1:
       raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {num_train} training examples")
     model = models.get_model(cfg.model, NUM_CLASSES[cfg.dataset])
-    tx = presets.make_optimizer(cfg.method, cfg.sparsity, steps_per_epoch=spe, epochs=cfg.epochs,
+    tx = recipes.make_optimizer(cfg.method, cfg.sparsity, steps_per_epoch=spe, epochs=cfg.epochs,
                                 learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
                                 seed=cfg.seed)
     train_it = data.load(cfg.dataset, train_split, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -235,7 +235,7 @@ def build(cfg: Config, data_dir: str | None) -> Setup:
     test_it = data.load(cfg.dataset, test_split, batch_size=cfg.batch_size, shuffle=False,
                         augment=False, num_epochs=1, drop_remainder=False, data_dir=data_dir,
                         cache=cache)
-  lr = presets.warmup_cosine_per_epoch(cfg.lr, spe, cfg.epochs)
+  lr = recipes.warmup_cosine_per_epoch(cfg.lr, spe, cfg.epochs)
   sample = train_it.dataset[0]["image"][:1]
   return Setup(model, tx, spe, lr, train_it, test_it, sample)
 

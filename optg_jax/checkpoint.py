@@ -21,12 +21,18 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from optg_jax import training
+from optg_jax import _extras
+
+_extras.require("optg_jax.checkpoint", "train", "orbax.checkpoint", "grain")
+
+# pylint: disable=wrong-import-position
+import grain  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from optg_jax import training  # noqa: E402
 
 PyTree = Any
 PathLike = str | os.PathLike[str]

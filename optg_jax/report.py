@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from optg_jax import _extras
 from optg_jax import _paths
 from optg_jax import masks as masks_lib
 
@@ -195,6 +196,7 @@ def plot_layer_density(path: str | os.PathLike[str], report: Report, *, title: s
 
 def _figure(ncols: int, size: tuple[float, float]):
   # The object-oriented API renders with Agg and leaves pyplot's global backend alone.
+  _extras.require("plotting in optg_jax.report", "train", "matplotlib")
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=size, layout="constrained")
   return fig, fig.subplots(1, ncols, squeeze=False)[0]

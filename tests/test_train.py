@@ -21,7 +21,7 @@ import optg_jax
 from optg_jax import data
 from optg_jax import masks as masks_lib
 from optg_jax import models
-from optg_jax import presets
+from optg_jax import recipes
 from optg_jax import report
 from optg_jax import schedules
 from optg_jax import training
@@ -70,7 +70,7 @@ def _final_checkpoint(workdir):
   return step, state["state"]
 
 
-@pytest.mark.parametrize("method", presets.METHODS)
+@pytest.mark.parametrize("method", recipes.names())
 def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
   _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline"))
   (record,) = _metrics(tmp_path)
@@ -94,7 +94,7 @@ def test_metrics_jsonl_has_one_line_per_epoch(tmp_path, data_dir):
   assert [set(r) for r in records] == [{"epoch", "step", "loss", "test_accuracy", "sparsity",
                                         "lr", "seconds"}] * 2
   assert [(r["epoch"], r["step"]) for r in records] == [(1, SPE), (2, 2 * SPE)]
-  lr = presets.warmup_cosine_per_epoch(0.1, SPE, 2)
+  lr = recipes.warmup_cosine_per_epoch(0.1, SPE, 2)
   assert [r["lr"] for r in records] == pytest.approx([float(lr(0)), float(lr(SPE))])
   # The mask each epoch ends with is the one refreshed for the next epoch: P·σ(e − E/2).
   assert [r["sparsity"] for r in records] == pytest.approx(
