@@ -17,6 +17,7 @@ from flax import nnx
 
 import optg_jax as og
 from optg_jax import data
+from optg_jax import recipes
 
 
 class MLP(nnx.Module):
@@ -38,12 +39,8 @@ def train(train_split: data.Split, *, epochs: int = 20, batch_size: int = 100,
   model = MLP(nnx.Rngs(seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # params: an nnx.State pytree
   spe = len(train_split.labels) // batch_size
-  lr = optax.cosine_decay_schedule(0.1, epochs * spe)
-  tx = optax.chain(
-      og.mask_optimizer(sparsity, lr, steps_per_epoch=spe, total_epochs=epochs),
-      optax.add_decayed_weights(5e-4),
-      optax.sgd(lr, momentum=0.9),
-  )
+  # OptG's reference chain: og.mask_optimizer, then weight decay, then SGD with momentum.
+  tx = recipes.make_optimizer("optg", sparsity, steps_per_epoch=spe, epochs=epochs)
   opt_state = tx.init(params)
 
   @jax.jit
