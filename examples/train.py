@@ -216,11 +216,9 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
 def _finish(cfg, setup, state, records, evaluate, workdir) -> Outcome:
   """The final model (``og.final_masks``; OptG: the final scores' mask at the target sparsity)
   and its accuracy."""
-  masks = jax.jit(lambda params, opt_state: og.final_masks(params, opt_state,
-                                                           sparsity=cfg.sparsity))(
-      state.params, state.opt_state)
-  if training.has_method(state.opt_state):
-    state = training.with_masks_in_use(state, masks)
+  state = jax.jit(training.final_state, static_argnums=1)(state, cfg.sparsity)
+  masks = (og.get_masks(state.opt_state) if training.has_method(state.opt_state) else
+           og.final_masks(state.params, state.opt_state, sparsity=cfg.sparsity))  # all kept
   accuracy = _test_accuracy(setup, evaluate, state, cfg.batch_size)
   sparsity = float(og.sparsity_summary(masks).sparsity)
   write_json(workdir / "result.json", {"method": cfg.method, "test_accuracy": accuracy,

@@ -55,6 +55,15 @@ def with_masks_in_use(state: TrainState, masks: PyTree | None) -> TrainState:
   return state._replace(opt_state=og.with_masks(state.opt_state, masks))
 
 
+def final_state(state: TrainState, sparsity: float) -> TrainState:
+  """``state`` with the masks of the final model, ``og.final_masks`` at ``sparsity`` (for OptG
+  the top scores at the full target, which no epoch trained with); a dense state as it is."""
+  if not has_method(state.opt_state):
+    return state
+  return with_masks_in_use(state, og.final_masks(state.params, state.opt_state,
+                                                 sparsity=sparsity))
+
+
 def sparsity_of(masks: PyTree | None) -> float:
   """The sparsity of the prunable leaves of ``masks`` (0 for ``None``, a dense chain)."""
   return 0.0 if masks is None else float(og.sparsity_summary(masks).sparsity)
@@ -126,7 +135,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
   Drops the last partial batch (``steps_per_epoch = len(train) // batch_size``), shuffles with
   ``seed`` every epoch, and evaluates on the whole test split after each epoch, with the masks
   of the epoch's last forward pass (:func:`run_epoch`). ``on_epoch(epoch, state, loss,
-  accuracy)`` sees the state after the epoch's last update.
+  accuracy)`` sees the state after the epoch's last update. The final model is
+  ``final_state(result.state, sparsity)``.
   """
   steps_per_epoch = len(train.labels) // batch_size
   if steps_per_epoch < 1:
