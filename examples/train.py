@@ -26,6 +26,11 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+if __name__ == "__main__":  # the command line is examples/main.py's (same flags)
+  import main  # pylint: disable=import-self
+  sys.exit(main.main(prog="train.py"))
+
+# pylint: disable=wrong-import-position
 from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
@@ -285,7 +290,3 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
       "sparse_accuracy": outcome.accuracy, "report": report.to_json(rep)})
   return table
 
-
-if __name__ == "__main__":
-  import main  # pylint: disable=import-self,wrong-import-position  (examples/main.py)
-  sys.exit(main.main(prog="train.py"))

@@ -80,6 +80,14 @@ WITHOUT_EXTRAS = textwrap.dedent("""
       print(f"plots: {e}")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print("loaded:", loaded)
+
+    import runpy  # the main job, as `python examples/train.py` runs it
+    sys.path.insert(0, EXAMPLES)
+    sys.argv = ["train.py", "--workdir", "unused"]
+    try:
+      runpy.run_path(f"{EXAMPLES}/train.py", run_name="__main__")
+    except SystemExit as e:
+      print(e.code)
 """)
 
 
@@ -87,7 +95,8 @@ def test_core_works_without_the_extras_and_the_rest_names_its_extra(tmp_path):
   package_root = pathlib.Path(optg_jax.__file__).parent.parent  # not resolved: keeps overlays
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       filter(None, [str(package_root), os.environ.get("PYTHONPATH")])))
-  result = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS], env=env, capture_output=True,
+  script = f"EXAMPLES = {str(ROOT / 'examples')!r}\n" + WITHOUT_EXTRAS
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=180, cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
@@ -99,4 +108,6 @@ def test_core_works_without_the_extras_and_the_rest_names_its_extra(tmp_path):
       "plots: plotting in optg_jax.report needs the 'train' extra: pip install "
       "'optg-jax[train]' (matplotlib is not installed)",
       "loaded: []",
+      "train.py: error: optg_jax.checkpoint needs the 'train' extra: pip install "
+      "'optg-jax[train]' (orbax.checkpoint is not installed)",
   ], result.stdout
