@@ -1,9 +1,11 @@
 """Checkpoints of a training run with orbax: state, data position, counters, and metadata.
 
-A checkpoint holds everything a run needs to continue exactly where it stopped: the
-:class:`optg_jax.training.TrainState` (params, batch_stats, and the optimizer state with the
-method's scores and masks), the epoch and step counters, the run's PRNG key, the position of the
-grain data iterator, and a JSON dict of metadata (the run's configuration, elapsed time)::
+A checkpoint holds everything a run needs to continue exactly where it stopped: the train state
+(any pytree of arrays: a linen :class:`optg_jax.training.TrainState`, an NNX
+``{'params': nnx.State, 'opt_state': ...}``, a ``(params, opt_state)`` tuple; the optimizer state
+carries the method's scores and masks), the epoch and step counters, the run's PRNG key, the
+position of the grain data iterator, and a JSON dict of metadata (the run's configuration,
+elapsed time)::
 
   mngr = checkpoint.manager(workdir / "checkpoints")
   checkpoint.save(mngr, checkpoint.Checkpoint(state, epoch, step, rng), iterator=it,
@@ -21,12 +23,17 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from optg_jax import training
+from optg_jax import _extras
+
+_extras.require("optg_jax.checkpoint", "train", "orbax.checkpoint", "grain")
+
+# pylint: disable=wrong-import-position
+import grain  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
 
 PyTree = Any
 PathLike = str | os.PathLike[str]
@@ -36,18 +43,18 @@ class Checkpoint(NamedTuple):
   """The arrays of a run's checkpoint.
 
   Attributes:
-    state: the train state (params, batch_stats, optimizer state with masks).
+    state: the train state, any pytree of arrays (params, optimizer state with masks, ...).
     epoch: int32 scalar, epochs completed.
     step: int32 scalar, optimizer steps completed (the checkpoint's number in the manager).
     rng: uint32 key data (``jax.random.key_data``) of the run's PRNG key.
   """
-  state: training.TrainState
+  state: PyTree
   epoch: jax.Array
   step: jax.Array
   rng: jax.Array
 
 
-def new(state: training.TrainState, seed: int) -> Checkpoint:
+def new(state: PyTree, seed: int) -> Checkpoint:
   """The checkpoint of a run that has not trained yet: epoch 0, step 0, key from ``seed``."""
   zero = jnp.zeros((), jnp.int32)
   return Checkpoint(state, zero, zero, jax.random.key_data(jax.random.key(seed)))
@@ -98,8 +105,9 @@ def save(mngr: ocp.CheckpointManager, ckpt: Checkpoint, *,
 def restore(mngr: ocp.CheckpointManager, target: Checkpoint, *,
             iterator: grain.DatasetIterator | None = None, step: int | None = None) -> Restored:
   """Restores step ``step`` (default: the latest) into the structure, dtypes and shardings of
-  ``target`` (arrays or ``jax.ShapeDtypeStruct``s, e.g. :func:`new` of a freshly built state),
-  and moves ``iterator`` to the saved position.
+  ``target`` (arrays or ``jax.ShapeDtypeStruct``s, e.g. :func:`new` of a freshly built state;
+  custom pytree nodes such as ``nnx.State`` come back as such), and moves ``iterator`` to the
+  saved position.
 
   Raises:
     FileNotFoundError: the manager holds no checkpoint (or not ``step``).

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from optg_jax import _extras
 from optg_jax import _paths
 from optg_jax import masks as masks_lib
 
@@ -71,7 +72,8 @@ class Report(NamedTuple):
 
 
 def layer_flops(model: nn.Module, variables: PyTree, sample: Any) -> dict[str, int]:
-  """Dense FLOPs per example of each kernel of ``model``, keyed by param path (``'fc1/kernel'``).
+  """Dense FLOPs per example of each kernel of ``model``, keyed by param path (``'fc1/kernel'``),
+  in the order the network runs its layers.
 
   Args:
     model: a flax linen module called as ``model.apply(variables, x, train=False)``.
@@ -80,36 +82,49 @@ def layer_flops(model: nn.Module, variables: PyTree, sample: Any) -> dict[str, i
     sample: an input batch (or its ``jax.ShapeDtypeStruct``), e.g. ``(1, H, W, C)``.
 
   Returns:
-    FLOPs of every param leaf with ``ndim >= 2`` whose module's output was captured.
+    FLOPs of every param leaf with ``ndim >= 2`` whose module's output was captured, in the
+    order the modules are first called.
   """
-  _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
-                               mutable=["intermediates"]), variables, sample)
+  calls: dict[tuple[str, ...], int] = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and context.module.scope is not None:
+      calls.setdefault(tuple(context.module.scope.path), len(calls))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                 mutable=["intermediates"]), variables, sample)
   positions = {}
   for path, out in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
     keys = _keys(path)
     module = keys[:keys.index("__call__")]
     per_example = math.prod(out.shape[1:-1]) if len(out.shape) > 1 else 1
     positions[module] = positions.get(module, 0) + per_example
-  flops = {}
+  flops = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
     module = _keys(path)[:-1]
     if np.ndim(leaf) >= 2 and module in positions:
-      flops[_paths.path_str(path)] = 2 * math.prod(np.shape(leaf)) * positions[module]
-  return flops
+      flops.append((calls.get(module, len(calls)), _paths.path_str(path),
+                    2 * math.prod(np.shape(leaf)) * positions[module]))
+  return {name: count for _, name, count in sorted(flops, key=lambda f: f[0])}
 
 
 def build(masks: PyTree, params: PyTree, flops: Mapping[str, int] | None = None) -> Report:
   """The per-layer report of ``masks`` (bool, the params' treedef; scalar leaves not prunable).
 
-  ``flops`` (from :func:`layer_flops`) gives each kernel's dense FLOPs by param path.
+  ``flops`` (from :func:`layer_flops`) gives each kernel's dense FLOPs by param path; its order
+  (the order the network runs) is the order of the layers, the others follow in ``jax.tree``
+  order.
   """
   flops = flops or {}
   summary = masks_lib.sparsity_summary(masks)
   shapes = {_paths.path_str(p): np.shape(x)
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  order = {name: i for i, name in enumerate(flops)}
   layers = []
-  for name, leaf in summary.leaves.items():
+  for name, leaf in sorted(summary.leaves.items(), key=lambda kv: order.get(kv[0], len(order))):
     kept, dense = int(leaf.kept), flops.get(name)
     kept_flops = None if dense is None else dense * kept / leaf.total
     layers.append(LayerReport(name, shapes[name], leaf.total, kept, dense, kept_flops))
@@ -159,23 +174,33 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def plot_history(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]], *,
-                 label: str, dense: Sequence[Mapping[str, Any]] = ()) -> None:
+                 label: str, dense: Sequence[Mapping[str, Any]] = (),
+                 final: Mapping[str, Any] | None = None) -> None:
   """PNG of test accuracy (left) and sparsity (right) per epoch.
 
   ``records`` (and the optional ``dense`` baseline's) hold ``epoch``, ``test_accuracy`` and
-  ``sparsity``, as the lines of ``metrics.jsonl``.
+  ``sparsity``, as the lines of ``metrics.jsonl``: each epoch's accuracy with the mask it was
+  trained with. ``final`` (the same keys) is the final model, drawn as its own point: for OptG
+  the final scores' mask at the full target, which no epoch trained with.
   """
   fig, (acc, spa) = _figure(2, (10, 4))
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
   for runs, name in ((records, label), (dense, "dense")):
     if runs:
       acc.plot([r["epoch"] for r in runs], [100 * r["test_accuracy"] for r in runs],
                marker=".", label=name)
       spa.plot([r["epoch"] for r in runs], [100 * r["sparsity"] for r in runs],
                marker=".", label=name)
-  acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+  if final is not None:
+    name = f"{label}, final model"
+    acc.plot([final["epoch"]], [100 * final["test_accuracy"]], "r*", markersize=12, label=name)
+    spa.plot([final["epoch"]], [100 * final["sparsity"]], "r*", markersize=12, label=name)
+  acc.set(xlabel="epoch", ylabel="test accuracy (%)",
+          title="test accuracy, with the mask each epoch trained with")
   spa.set(xlabel="epoch", ylabel="sparsity (%)", title="sparsity of the prunable weights",
           ylim=(-2, 102))
   for ax in (acc, spa):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
   _save(fig, path)
@@ -195,6 +220,7 @@ def plot_layer_density(path: str | os.PathLike[str], report: Report, *, title: s
 
 def _figure(ncols: int, size: tuple[float, float]):
   # The object-oriented API renders with Agg and leaves pyplot's global backend alone.
+  _extras.require("plotting in optg_jax.report", "train", "matplotlib")
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=size, layout="constrained")
   return fig, fig.subplots(1, ncols, squeeze=False)[0]

@@ -4,6 +4,10 @@
 route it (``og.effective_params``); models with BatchNorm carry ``batch_stats`` alongside.
 ``fit`` trains on in-memory NumPy arrays such as the embedded ``mnist_5k`` split; the data-set
 pipelines of :mod:`optg_jax.data` serve the bigger runs.
+
+An epoch is evaluated with the masks its last forward pass used (:func:`run_epoch`): the last
+update of an epoch may already install the next epoch's mask (OptG refreshes at every epoch
+boundary), which the weights were never trained with.
 """
 
 from __future__ import annotations
@@ -17,14 +21,52 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optg_jax as og
 from optg_jax.methods import base
 
 PyTree = Any
 
 
+def has_method(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds the state of a sparsity method (``False`` for dense chains)."""
+  return base.has_state(opt_state)
+
+
 def effective_or_dense(params: PyTree, opt_state: Any) -> PyTree:
   """``og.effective_params`` when the chain holds a sparsity method, else ``params`` (dense)."""
-  return base.effective_params(params, opt_state) if base.has_state(opt_state) else params
+  return og.effective_params(params, opt_state) if has_method(opt_state) else params
+
+
+def masks_in_use(opt_state: Any) -> PyTree | None:
+  """A copy of the masks the next forward pass uses (``None`` for a dense chain).
+
+  A copy, so that it outlives a step that donates ``opt_state``.
+  """
+  if not has_method(opt_state):
+    return None
+  return jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x,
+                      og.get_masks(opt_state))
+
+
+def with_masks_in_use(state: TrainState, masks: PyTree | None) -> TrainState:
+  """``state`` whose forward pass uses ``masks`` (from :func:`masks_in_use`; ``None``: as is)."""
+  if masks is None:
+    return state
+  return state._replace(opt_state=og.with_masks(state.opt_state, masks))
+
+
+def final_state(state: TrainState, sparsity: float) -> TrainState:
+  """``state`` with the masks of the final model, ``og.final_masks`` at ``sparsity`` (for OptG
+  the top scores at the full target, which no epoch trained with); a dense state as it is."""
+  if not has_method(state.opt_state):
+    return state
+  return with_masks_in_use(state, og.final_masks(state.params, state.opt_state,
+                                                 sparsity=sparsity))
+
+
+def sparsity_of(masks: PyTree | None) -> float:
+  """The sparsity of the prunable leaves of ``masks`` (0 for ``None``, a dense chain)."""
+  return 0.0 if masks is None else float(og.sparsity_summary(masks).sparsity)
 
 
 class TrainState(NamedTuple):
@@ -77,10 +119,12 @@ def make_eval_step(model: nn.Module) -> Callable[..., jax.Array]:
 
 
 class FitResult(NamedTuple):
-  """``state`` after training; ``test_accuracy`` per epoch (floats in [0, 1]); ``loss`` per epoch."""
+  """``state`` after training; per epoch: ``test_accuracy`` (in [0, 1]) and ``sparsity`` of the
+  masks the epoch was trained with, and its mean ``loss``."""
   state: TrainState
   test_accuracy: list[float]
   loss: list[float]
+  sparsity: list[float]
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: Any, *,
@@ -89,7 +133,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
   """Trains on in-memory ``train`` / ``test`` splits (``.images`` NHWC, ``.labels`` int).
 
   Drops the last partial batch (``steps_per_epoch = len(train) // batch_size``), shuffles with
-  ``seed`` every epoch, and evaluates on the whole test split after each epoch.
+  ``seed`` every epoch, and evaluates on the whole test split after each epoch, with the masks
+  of the epoch's last forward pass (:func:`run_epoch`). ``on_epoch(epoch, state, loss,
+  accuracy)`` sees the state after the epoch's last update. The final model is
+  ``final_state(result.state, sparsity)``.
   """
   steps_per_epoch = len(train.labels) // batch_size
   if steps_per_epoch < 1:
@@ -98,42 +145,61 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
   step = jax.jit(make_train_step(model, tx))
   evaluate = jax.jit(make_eval_step(model))
   rng = np.random.default_rng(seed)
-  accuracies, losses = [], []
+  accuracies, losses, sparsities = [], [], []
   for epoch in range(epochs):
-    order = rng.permutation(len(train.labels))
-    total = jnp.zeros(())
-    for b in range(steps_per_epoch):
-      idx = order[b * batch_size:(b + 1) * batch_size]
-      state, loss = step(state, train.images[idx], train.labels[idx])
-      total += loss
-    accuracies.append(int(evaluate(state, test.images, test.labels)) / len(test.labels))
-    losses.append(float(total) / steps_per_epoch)
+    order = rng.permutation(len(train.labels))[:steps_per_epoch * batch_size]
+    batches = ({"image": train.images[idx], "label": train.labels[idx]}
+               for idx in order.reshape(steps_per_epoch, batch_size))
+    state, loss, masks = run_epoch(step, state, batches, steps_per_epoch)
+    trained = with_masks_in_use(state, masks)
+    accuracies.append(int(evaluate(trained, test.images, test.labels)) / len(test.labels))
+    losses.append(float(loss))
+    sparsities.append(sparsity_of(masks))
     if on_epoch is not None:
       on_epoch(epoch, state, losses[-1], accuracies[-1])
-  return FitResult(state, accuracies, losses)
+  return FitResult(state, accuracies, losses, sparsities)
 
 
 Batch = dict[str, np.ndarray]
+
+
+class Epoch(NamedTuple):
+  """What :func:`run_epoch` returns: the ``state`` after the last update, the mean ``loss`` (a
+  device scalar) and a copy of the ``masks`` the last forward pass used (``None`` if dense)."""
+  state: TrainState
+  loss: jax.Array
+  masks: PyTree | None
+
+
+def run_epoch(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainState,
+              batches: Iterator[Batch], num_steps: int,
+              on_step: Callable[[int, jax.Array], None] | None = None) -> Epoch:
+  """Runs ``num_steps`` steps of ``step(state, images, labels)`` on ``next(batches)``.
+
+  ``batches`` yields ``{'image': (B, H, W, C), 'label': (B,)}`` (an ``optg_jax.data.load``
+  iterator). ``on_step(i, loss)`` sees each step's loss as a device scalar; reading it on the
+  host waits for the step. Evaluate the epoch with ``with_masks_in_use(epoch.state,
+  epoch.masks)``: the trained weights with the masks they were trained with.
+  """
+  total, masks = jnp.zeros((), jnp.float32), None
+  batches = iter(batches)
+  for i in range(num_steps):
+    batch = next(batches)
+    if i == num_steps - 1:
+      masks = masks_in_use(state.opt_state)
+    state, loss = step(state, batch["image"], batch["label"])
+    total += loss
+    if on_step is not None:
+      on_step(i, loss)
+  return Epoch(state, total / max(num_steps, 1), masks)
 
 
 def run_steps(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainState,
               batches: Iterator[Batch], num_steps: int,
               on_step: Callable[[int, jax.Array], None] | None = None
               ) -> tuple[TrainState, jax.Array]:
-  """Runs ``num_steps`` steps of ``step(state, images, labels)`` on ``next(batches)``.
-
-  ``batches`` yields ``{'image': (B, H, W, C), 'label': (B,)}`` (an ``optg_jax.data.load``
-  iterator). ``on_step(i, loss)`` sees each step's loss as a device scalar; reading it on the
-  host waits for the step. Returns the state and the mean loss, a device scalar.
-  """
-  total = jnp.zeros((), jnp.float32)
-  for i in range(num_steps):
-    batch = next(batches)
-    state, loss = step(state, batch["image"], batch["label"])
-    total += loss
-    if on_step is not None:
-      on_step(i, loss)
-  return state, total / max(num_steps, 1)
+  """:func:`run_epoch` without the masks: the state and the mean loss, a device scalar."""
+  return run_epoch(step, state, batches, num_steps, on_step)[:2]
 
 
 def evaluate(eval_step: Callable[..., jax.Array], state: TrainState, batches: Iterable[Batch],

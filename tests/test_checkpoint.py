@@ -9,7 +9,7 @@ import pytest
 from optg_jax import checkpoint
 from optg_jax import data
 from optg_jax import models
-from optg_jax import presets
+from optg_jax import recipes
 from optg_jax import training
 
 BATCH = 50
@@ -36,7 +36,7 @@ class Run(NamedTuple):
 def run(data_dir):
   """An OptG run of LeNet-300-100: its initial state and jitted step."""
   model = models.get_model("lenet300100")
-  tx = presets.make_optimizer("optg", 0.9, steps_per_epoch=2, epochs=4)
+  tx = recipes.make_optimizer("optg", 0.9, steps_per_epoch=2, epochs=4)
   fresh = training.init(model, tx, next(_iterator(data_dir))["image"][:1], seed=0)
   return Run(fresh, jax.jit(training.make_train_step(model, tx)))
 

@@ -1,5 +1,6 @@
-"""The main job, examples/train.py: every method, metrics, summary and plots, exact resume, bad
-input; and what it is built from (final masks, FLOPs, the summary table)."""
+"""The main job, examples/main.py and examples/train.py: every method, metrics evaluated with the
+masks each epoch trained with, summary and plots, exact resume, bad input, the configs; and what
+it is built from (final masks, FLOPs, the summary table)."""
 
 import importlib.util
 import json
@@ -21,26 +22,32 @@ import optg_jax
 from optg_jax import data
 from optg_jax import masks as masks_lib
 from optg_jax import models
-from optg_jax import presets
+from optg_jax import recipes
 from optg_jax import report
 from optg_jax import schedules
 from optg_jax import training
-from optg_jax.methods import final
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPARSITY = 0.9
 SPE = 4  # 200 examples, batch 50
-KEPT = 26_620  # of LeNet-300-100's 266,200 kernel weights at 90 %, globally and per layer
+N = 266_200  # LeNet-300-100's kernel weights
+KEPT = 26_620  # of them at 90 %, globally and per layer
 
 
-def _load_train_module():
-  spec = importlib.util.spec_from_file_location("optg_train_job", ROOT / "examples" / "train.py")
+def _load_job():
+  spec = importlib.util.spec_from_file_location("optg_main_job", ROOT / "examples" / "main.py")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  spec.loader.exec_module(module)  # puts examples/ on sys.path: train, configs
   return module
 
 
-train = _load_train_module()
+job = _load_job()
+train = job.train
+import configs  # pylint: disable=wrong-import-position,wrong-import-order  (examples/configs)
+
+
+def _main(argv):
+  return job.main([str(a) for a in argv], prog="train.py")
 
 
 @pytest.fixture(scope="module")
@@ -56,51 +63,86 @@ def _tiny(data_dir, *flags, epochs=1):
 
 
 def _run(argv):
-  assert train.main([str(a) for a in argv]) == 0
+  assert _main(argv) == 0
 
 
 def _metrics(workdir):
   return report.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
 
 
-def _final_checkpoint(workdir):
+def _checkpoint(workdir, step=None):
   with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints") as mngr:
-    step = mngr.latest_step()
+    step = mngr.latest_step() if step is None else step
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return step, state["state"]
 
 
-@pytest.mark.parametrize("method", presets.METHODS)
+_final_checkpoint = _checkpoint
+
+
+def _test_accuracy(data_dir, params, masks):
+  """Accuracy of LeNet-300-100 with ``params ⊙ masks`` on the 100 test digits, computed here."""
+  batches = data.load("mnist5k", "test[:100]", batch_size=100, shuffle=False, augment=False,
+                      num_epochs=1, drop_remainder=False, data_dir=data_dir)
+  batch = next(iter(batches))
+  logits = models.get_model("lenet300100").apply({"params": optg_jax.apply_masks(params, masks)},
+                                                 batch["image"])
+  return int(np.sum(np.argmax(np.asarray(logits), -1) == batch["label"])) / len(batch["label"])
+
+
+def _removed(sparsity):
+  """Weights of LeNet-300-100 a mask at ``sparsity`` (computed in float32, as the schedules do)
+  removes: ``floor(p·N)``."""
+  return math.floor(float(np.float32(sparsity)) * N)
+
+
+def _params_and_masks(ckpt):
+  """The params and the OptG masks (the chain's first state) of a restored checkpoint."""
+  return ckpt["state"]["params"], ckpt["state"]["opt_state"][0]["masks"]
+
+
+# gmp's reference window on a 1-epoch budget is [0, 1] with a refresh every epoch: its one
+# refresh, at step 0, is at the start of the cubic schedule (sparsity 0), so nothing is pruned.
+@pytest.mark.parametrize("method", recipes.names())
 def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
   _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline"))
   (record,) = _metrics(tmp_path)
   assert (record["epoch"], record["step"]) == (1, SPE)
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert 0.0 <= summary["sparse_accuracy"] <= 1.0
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert summary["sparse_accuracy"] == result["test_accuracy"]
+  assert summary["report"]["sparsity"] == pytest.approx(result["sparsity"])
   kept = summary["report"]["kept"]
   if method == "dense":
-    assert kept == 266_200 and summary["dense_accuracy"] == summary["sparse_accuracy"]
-  elif method == "gmp":  # a 1-epoch budget ends its cubic schedule before the first refresh
-    assert KEPT <= kept <= 266_200
+    assert kept == N and summary["dense_accuracy"] == summary["sparse_accuracy"]
+    assert summary["sparse_accuracy"] == record["test_accuracy"]  # no final mask to change
+  elif method == "gmp":
+    assert kept == N
   else:
     assert kept == KEPT
+  if method == "random":  # uniform per layer: 10 % of each kernel
+    assert [layer["kept"] for layer in summary["report"]["layers"]] == [23_520, 3_000, 100]
+  assert [layer["name"] for layer in summary["report"]["layers"]] == [
+      "fc1/kernel", "fc2/kernel", "classifier/kernel"]  # as the network runs
   assert _final_checkpoint(tmp_path)[0] == SPE
 
 
 def test_metrics_jsonl_has_one_line_per_epoch(tmp_path, data_dir):
-  _run(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path, "--no-dense-baseline",
-             epochs=2))
-  records = _metrics(tmp_path)
+  _run(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path, "--dense-baseline", epochs=2))
+  records, dense = _metrics(tmp_path), _metrics(tmp_path / "dense")
   assert [set(r) for r in records] == [{"epoch", "step", "loss", "test_accuracy", "sparsity",
                                         "lr", "seconds"}] * 2
   assert [(r["epoch"], r["step"]) for r in records] == [(1, SPE), (2, 2 * SPE)]
-  lr = presets.warmup_cosine_per_epoch(0.1, SPE, 2)
+  lr = recipes.warmup_cosine_per_epoch(0.1, SPE, 2)
   assert [r["lr"] for r in records] == pytest.approx([float(lr(0)), float(lr(SPE))])
-  # The mask each epoch ends with is the one refreshed for the next epoch: P·σ(e − E/2).
-  assert [r["sparsity"] for r in records] == pytest.approx(
-      [SPARSITY * 0.5, SPARSITY / (1 + math.exp(-1))], abs=1e-5)
+  # Epoch 1 of OptG trains the dense network (its all-zero scores keep every weight) with the
+  # dense run's init, data and chain: the same loss and accuracy, bit for bit.
+  assert (records[0]["loss"], records[0]["test_accuracy"], records[0]["sparsity"]) == (
+      dense[0]["loss"], dense[0]["test_accuracy"], 0.0)
+  # Epoch 2 trains with the mask refreshed at its start, P·σ(1 − E/2) = P/2: exact count.
+  assert round(records[1]["sparsity"] * N) == _removed(SPARSITY / 2)
+  assert records[1]["loss"] != dense[1]["loss"]
   assert 0 < records[0]["seconds"] < records[1]["seconds"]
-  assert all(np.isfinite(r["loss"]) and 0 <= r["test_accuracy"] <= 1 for r in records)
 
 
 def test_dense_baseline_summary_and_plots(tmp_path, data_dir, capsys):
@@ -150,21 +192,45 @@ def test_resume_after_a_stop_ends_as_an_uninterrupted_run(tmp_path, data_dir, un
   _same_outcome(tmp_path, uninterrupted)
 
 
+def test_epochs_are_evaluated_with_the_masks_they_trained_with(uninterrupted, data_dir):
+  """OptG, P = 0.9, E = 3: epoch e trains with p_{e-1} = 0, P·σ(−1/2), P·σ(1/2) (the refresh in
+  its last update installs the next epoch's mask, which its record must not show)."""
+  records = _metrics(uninterrupted)
+  trained = [0.0, SPARSITY / (1 + math.exp(0.5)), SPARSITY / (1 + math.exp(-0.5))]
+  assert [round(r["sparsity"] * N) for r in records] == [_removed(p) for p in trained]
+  # The checkpoint of epoch e holds the mask that epoch e + 1 trains with.
+  steps = [SPE, 2 * SPE, 3 * SPE]
+  ckpts = [_params_and_masks(_checkpoint(uninterrupted, step)[1]) for step in steps]
+  for (_, masks), record in zip(ckpts[:2], records[1:]):
+    assert round(record["sparsity"] * N) == N - int(optg_jax.sparsity_summary(masks).kept)
+  # Epoch 3's accuracy: its final weights with the mask it trained with (epoch 2's checkpoint).
+  params = ckpts[2][0]
+  assert records[2]["test_accuracy"] == _test_accuracy(data_dir, params, ckpts[1][1])
+  # The final model: the top scores at the full target, which no epoch trained with.
+  result = json.loads((pathlib.Path(uninterrupted) / "result.json").read_text())
+  state = _checkpoint(uninterrupted)[1]["state"]
+  final_masks = masks_lib.global_masks(state["opt_state"][0]["scores"],
+                                       masks_lib.prunable_tree(params), SPARSITY)
+  assert int(optg_jax.sparsity_summary(final_masks).kept) == KEPT
+  assert result["sparsity"] == pytest.approx(SPARSITY)
+  assert result["test_accuracy"] == _test_accuracy(data_dir, params, final_masks)
+
+
 def test_resume_after_a_crash_mid_epoch(tmp_path, data_dir, uninterrupted, monkeypatch):
-  run_steps, calls = training.run_steps, []
+  run_epoch, calls = training.run_epoch, []
 
   def crash_in_second_epoch(step, state, batches, num_steps, on_step=None):
     calls.append(num_steps)
     if len(calls) == 2:
-      run_steps(step, state, batches, 2)  # half an epoch, then the machine goes away
+      run_epoch(step, state, batches, 2)  # half an epoch, then the machine goes away
       raise RuntimeError("preempted")
-    return run_steps(step, state, batches, num_steps, on_step)
+    return run_epoch(step, state, batches, num_steps, on_step)
 
-  monkeypatch.setattr(training, "run_steps", crash_in_second_epoch)
+  monkeypatch.setattr(training, "run_epoch", crash_in_second_epoch)
   with pytest.raises(RuntimeError, match="preempted"):
-    train.main(_tiny(data_dir, "--method", "optg", "--workdir", str(tmp_path),
-                     "--no-dense-baseline", epochs=3))
-  monkeypatch.setattr(training, "run_steps", run_steps)
+    _main(_tiny(data_dir, "--method", "optg", "--workdir", str(tmp_path), "--no-dense-baseline",
+                epochs=3))
+  monkeypatch.setattr(training, "run_epoch", run_epoch)
   assert _final_checkpoint(tmp_path)[0] == SPE
   _run(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path, "--resume",
              "--no-dense-baseline", epochs=3))
@@ -201,7 +267,7 @@ def test_bad_input_is_one_line_and_status_2(case, tmp_path, data_dir, capsys):
       flags if flags is not None else [])
   if case != "no workdir":
     argv += ["--workdir", str(workdir)]
-  assert train.main(argv) == 2
+  assert _main(argv) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("train.py: error: "), err
   assert not (workdir / "checkpoints").exists()
@@ -210,23 +276,61 @@ def test_bad_input_is_one_line_and_status_2(case, tmp_path, data_dir, capsys):
 def test_existing_run_needs_resume_and_the_same_settings(tmp_path, data_dir, capsys):
   _run(_tiny(data_dir, "--method", "magnitude", "--workdir", tmp_path, "--no-dense-baseline"))
   capsys.readouterr()
-  assert train.main(_tiny(data_dir, "--method", "magnitude", "--workdir", str(tmp_path))) == 2
+  assert _main(_tiny(data_dir, "--method", "magnitude", "--workdir", str(tmp_path))) == 2
   assert "already holds a run" in capsys.readouterr().err
-  assert train.main(["--resume", "--workdir", str(tmp_path), "--method", "gmp"]) == 2
+  assert _main(["--resume", "--workdir", str(tmp_path), "--method", "gmp"]) == 2
   assert "--method gmp differs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--sparsity", "1.5"], ["--resume"]])
-def test_bad_input_exit_status_of_the_script(flags, tmp_path):
+@pytest.mark.parametrize("script,flags", [("train.py", ["--sparsity", "1.5"]),
+                                          ("main.py", ["--resume"])])
+def test_bad_input_exit_status_of_the_script(script, flags, tmp_path):
   env = dict(os.environ)
   package_root = pathlib.Path(optg_jax.__file__).parent.parent  # not resolved: keeps overlays
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), env.get("PYTHONPATH")]))
   result = subprocess.run(
-      [sys.executable, str(ROOT / "examples" / "train.py"), "--workdir", str(tmp_path / "w"),
+      [sys.executable, str(ROOT / "examples" / script), "--workdir", str(tmp_path / "w"),
        *flags], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
   assert result.returncode == 2
-  assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error: ")
+  assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"{script}: error: ")
   assert "Traceback" not in result.stderr + result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The configs.
+
+
+def test_every_model_has_a_config_with_its_reference_budget():
+  for model in models.MODELS:
+    cfg = configs.for_model(model)
+    assert cfg.model == model
+    assert cfg.dataset in data.KNOWN_DATASETS
+    assert set(cfg.methods) == set(recipes.names())  # a preset for every registered recipe
+  budgets = {m: (c.dataset, c.epochs, c.batch_size, c.lr, c.weight_decay, c.label_smoothing)
+             for m in models.MODELS for c in [configs.for_model(m)]}
+  assert budgets["lenet300100"] == ("mnist5k", 40, 100, 0.1, 5e-4, 0.0)
+  assert budgets["resnet32"] == budgets["vgg19"] == ("cifar10", 160, 256, 0.1, 5e-4, 0.0)
+  assert budgets["resnet50"] == ("imagenet2012", 100, 256, 0.1, 1e-4, 0.1)
+  assert budgets["mobilenetv1"] == ("imagenet2012", 180, 256, 0.05, 4e-5, 0.1)
+  with pytest.raises(ValueError, match="no config for model"):
+    configs.for_model("lenet5")
+
+
+def test_flags_override_the_config_file_and_method_presets_reach_the_chain(tmp_path, data_dir):
+  config = tmp_path / "my_config.py"
+  config.write_text(
+      "from configs import lenet300100_mnist5k\n\n"
+      "def get_config():\n"
+      "  cfg = lenet300100_mnist5k.get_config()\n"
+      "  return cfg.replace(method='magnitude', epochs=7, methods={\n"
+      "      **cfg.methods, 'magnitude': {'distribution': 'uniform'}})\n")
+  workdir = tmp_path / "run"
+  _run(_tiny(data_dir, "--config", config, "--workdir", workdir, "--no-dense-baseline"))
+  stored = json.loads((workdir / "config.json").read_text())
+  assert (stored["method"], stored["epochs"], stored["batch_size"]) == ("magnitude", 1, 50)
+  assert stored["methods"]["magnitude"] == {"distribution": "uniform"}
+  layers = json.loads((workdir / "summary.json").read_text())["report"]["layers"]
+  assert [layer["kept"] for layer in layers] == [23_520, 3_000, 100]  # uniform, not global
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,13 +357,13 @@ def test_optg_final_masks_are_the_top_scores_at_the_target():
   params = _tiny_params()
   state = _optg_state(params, 0.5)
   assert float(masks_lib.sparsity_summary(state.masks).sparsity) == pytest.approx(0.5)
-  masks = final.final_masks(params, state, SPARSITY)
+  masks = optg_jax.final_masks(params, state, SPARSITY)
   assert int(masks_lib.sparsity_summary(masks).kept) == 160
   prunable = masks_lib.prunable_tree(params)
   expected = masks_lib.global_masks(state.scores, prunable, SPARSITY)
   for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
-  swapped = final.with_masks((state, optax.EmptyState()), masks)
+  swapped = optg_jax.with_masks((state, optax.EmptyState()), masks)
   effective = optg_jax.effective_params(params, swapped)
   assert int(jnp.sum(effective["fc1"]["kernel"] != 0)) == int(jnp.sum(masks["fc1"]["kernel"]))
   assert swapped[0].scores is state.scores
@@ -268,14 +372,14 @@ def test_optg_final_masks_are_the_top_scores_at_the_target():
 def test_final_masks_of_other_methods_and_dense():
   params = _tiny_params()
   state = optg_jax.magnitude(0.8).init(params)
-  assert final.final_masks(params, state, SPARSITY) is state.masks
-  dense = final.final_masks(params, optax.sgd(0.1).init(params), SPARSITY)
+  assert optg_jax.final_masks(params, state, SPARSITY) is state.masks
+  dense = optg_jax.final_masks(params, optax.sgd(0.1).init(params), SPARSITY)
   assert float(masks_lib.sparsity_summary(dense).sparsity) == 0.0
   assert dense["fc1"]["bias"].shape == ()
   with pytest.raises(ValueError, match="sparsity"):
-    final.final_masks(params, _optg_state(params, 0.5), 1.0)
+    optg_jax.final_masks(params, _optg_state(params, 0.5), 1.0)
   with pytest.raises(ValueError, match="exactly one"):
-    final.with_masks(optax.sgd(0.1).init(params), dense)
+    optg_jax.with_masks(optax.sgd(0.1).init(params), dense)
 
 
 def _lenet():
@@ -314,3 +418,33 @@ def test_report_and_summary_table():
   table = report.summary_table(rep, method="gmp", sparse_accuracy=0.9, dense_accuracy=None)
   assert "n/a" in table and "90.00%" in table and "fc2/kernel" in table
   assert json.loads(json.dumps(report.to_json(rep)))["kept"] == KEPT
+
+
+# ------------------------------------------------------------------------------------------------
+# training.fit evaluates each epoch with the masks it trained with, too.
+
+
+def test_fit_evaluates_each_epoch_with_its_own_masks():
+  train_split, test_split = data.load_mnist_5k(seed=0)
+  small = data.Split(train_split.images[::20], train_split.labels[::20])  # 200 digits, all classes
+  test_small = data.Split(test_split.images[:200], test_split.labels[:200])
+  model = models.get_model("lenet300100")
+
+  def fit(method, on_epoch=None):
+    tx = recipes.make_optimizer(method, SPARSITY, steps_per_epoch=SPE, epochs=3)
+    return training.fit(model, tx, small, test_small, epochs=3, batch_size=50, on_epoch=on_epoch)
+
+  next_masks = []  # on_epoch sees the state after the epoch's last update: the next epoch's mask
+  optg = fit("optg", lambda epoch, state, *_: next_masks.append(
+      jax.tree.map(np.asarray, optg_jax.get_masks(state.opt_state))))
+  dense = fit("dense")
+  trained = [0.0, SPARSITY / (1 + math.exp(0.5)), SPARSITY / (1 + math.exp(-0.5))]
+  assert [round(s * N) for s in optg.sparsity] == [_removed(p) for p in trained]
+  assert dense.sparsity == [0.0] * 3
+  # Epoch 1 trained the dense network: the dense run's numbers, exactly.
+  assert (optg.loss[0], optg.test_accuracy[0]) == (dense.loss[0], dense.test_accuracy[0])
+  # Epoch 3's accuracy: the final weights with the mask installed at the end of epoch 2.
+  logits = model.apply({"params": optg_jax.apply_masks(optg.state.params, next_masks[1])},
+                       test_small.images)
+  assert optg.test_accuracy[2] == int(np.sum(np.argmax(np.asarray(logits), -1)
+                                             == test_small.labels)) / 200

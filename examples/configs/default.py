@@ -1,0 +1,79 @@
+"""The settings of a run of the main job, with the defaults every model config starts from.
+
+A config module defines ``get_config()`` returning a :class:`Config`; the per-model configs of
+this directory start from :func:`get_config` and set the model's reference hyperparameters (the
+OptG paper's configs). Flags of ``examples/main.py`` override any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+# The method presets: each method's own options, passed to its recipe
+# (``optg_jax.recipes.make_optimizer(method, sparsity, ..., **options)``). A new method is one
+# more entry here (and one ``recipes.register_recipe``), not a branch in the job; a config may
+# give a method other options, e.g. ``{"optg": {"distribution": "erk"}}``.
+METHODS: Mapping[str, Mapping[str, Any]] = {
+    "dense": {},
+    "optg": {},
+    "gmp": {},
+    "magnitude": {},
+    "snip": {},
+    "random": {},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """What defines a run (stored in ``WORKDIR/config.json``; a resumed run must match it).
+
+  The weights train with SGD (``momentum``) on the per-epoch warm-up + cosine learning rate of
+  ``optg_jax.recipes.warmup_cosine_per_epoch`` (peak ``lr``, ``warmup_epochs``), with
+  ``weight_decay`` on every weight and ``label_smoothing`` in the loss.
+  """
+  model: str = "lenet300100"
+  dataset: str = "mnist5k"
+  method: str = "optg"
+  sparsity: float = 0.9
+  epochs: int = 40
+  batch_size: int = 100
+  lr: float = 0.1
+  weight_decay: float = 5e-4
+  label_smoothing: float = 0.0
+  momentum: float = 0.9
+  warmup_epochs: int = 5
+  seed: int = 0
+  train_examples: int | None = None  # train on the first N examples only
+  test_examples: int | None = None  # evaluate on the first N examples only
+  dense_baseline: bool | None = None  # also train the dense model; None: on for mnist5k
+  methods: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+      default_factory=lambda: {name: dict(options) for name, options in METHODS.items()})
+
+  def replace(self, **changes: Any) -> Config:
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, values: Mapping[str, Any]) -> Config:
+    """The config stored by :meth:`to_json` (unknown keys refused, missing ones default)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown config fields {unknown}")
+    return cls(**values)
+
+  @property
+  def method_options(self) -> Mapping[str, Any]:
+    """The options of ``method`` (its preset in ``methods``)."""
+    if self.method not in self.methods:
+      raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(self.methods)}")
+    return self.methods[self.method]
+
+
+def get_config() -> Config:
+  """The defaults: OptG at 90 % on LeNet-300-100 and the embedded MNIST digits."""
+  return Config()

@@ -1,0 +1,159 @@
+"""Reference optimizer chains: each method wrapped as its authors train it, for any model.
+
+``make_optimizer('optg', 0.98, steps_per_epoch=40, epochs=20)`` returns the chain of the design's
+one train step: the method's transformation first, then weight decay on every entry of the
+dense weights, then SGD with momentum, all on the per-epoch warm-up + cosine learning rate of
+the OptG code.
+
+The method part comes from a registry of *recipes*, name -> builder, so a new method is one
+:func:`register_recipe` call, not a new branch::
+
+  def my_method(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, **options):
+    return og.magnitude(sparsity, **options)
+
+  recipes.register_recipe("my_method", my_method)
+  tx = recipes.make_optimizer("my_method", 0.9, steps_per_epoch=100, epochs=10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax.numpy as jnp
+import optax
+
+import optg_jax as og
+
+
+class RecipeBuilder(Protocol):
+  """Builds a method's transformation (the head of the chain).
+
+  Called as ``builder(sparsity, learning_rate=schedule, steps_per_epoch=..., epochs=...,
+  seed=..., **options)``: ``learning_rate`` is the weights' schedule (OptG ties its score rate
+  to it), ``options`` the method's own keyword arguments (``distribution=``, ...).
+  """
+
+  def __call__(self, sparsity: float, *, learning_rate: optax.Schedule, steps_per_epoch: int,
+               epochs: int, seed: int, **options: Any) -> optax.GradientTransformation:
+    ...
+
+
+_RECIPES: dict[str, RecipeBuilder] = {}
+
+
+def register_recipe(name: str, builder: RecipeBuilder) -> RecipeBuilder:
+  """Registers ``builder`` as the recipe of method ``name`` (replacing one of that name)."""
+  if not isinstance(name, str) or not name:
+    raise TypeError(f"name must be a non-empty string, got {name!r}")
+  if not callable(builder):
+    raise TypeError(f"builder of {name!r} must be callable, got {builder!r}")
+  _RECIPES[name] = builder
+  return builder
+
+
+def names() -> tuple[str, ...]:
+  """The registered methods, in registration order (``'dense'`` first)."""
+  return tuple(_RECIPES)
+
+
+def get_recipe(name: str) -> RecipeBuilder:
+  """The builder of ``name``.
+
+  Raises:
+    ValueError: ``name`` is not registered (the message lists the known ones).
+  """
+  if name not in _RECIPES:
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(_RECIPES)}")
+  return _RECIPES[name]
+
+
+def warmup_cosine_per_epoch(
+    learning_rate: float, steps_per_epoch: int, epochs: int, warmup_epochs: int = 5
+) -> optax.Schedule:
+  """OptG's weight learning rate, set once per epoch ``e``: ``lr·(e+1)/warmup_epochs`` during
+  warm-up, then ``0.5·lr·(1 + cos(π·e/epochs))`` (the cosine is not shifted by the warm-up)."""
+
+  def schedule(step):
+    e = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    warm = learning_rate * (e + 1) / max(warmup_epochs, 1)
+    cosine = 0.5 * learning_rate * (1 + jnp.cos(jnp.pi * e / epochs))
+    return jnp.where(e < warmup_epochs, warm, cosine)
+
+  return schedule
+
+
+def make_optimizer(
+    method: str,
+    sparsity: float,
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    learning_rate: float = 0.1,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    warmup_epochs: int = 5,
+    seed: int = 0,
+    **method_kwargs: Any,
+) -> optax.GradientTransformation:
+  """The reference chain ``method → add_decayed_weights → sgd(momentum)`` for ``method``.
+
+  Weight decay comes after the method, so it acts on every entry of the dense weights (pruned
+  ones included, as in OptG's code) while the method's masked gradient ``G ⊙ M`` reaches SGD.
+
+  Args:
+    method: a registered recipe (:func:`names`).
+    sparsity: target sparsity in [0, 1) (ignored by ``'dense'``).
+    steps_per_epoch, epochs: the run's length.
+    learning_rate: peak weight learning rate of :func:`warmup_cosine_per_epoch`.
+    weight_decay: L2 decay of all weights (pruned entries, biases and norms included, as OptG).
+    momentum: SGD momentum of the weights.
+    warmup_epochs: linear warm-up epochs.
+    seed: seed of ``'random'``.
+    **method_kwargs: passed on to the method's transformation (``distribution=``, ...).
+
+  Raises:
+    ValueError: unknown method (the message lists them), or a bad argument of the method.
+  """
+  builder = get_recipe(method)
+  lr = warmup_cosine_per_epoch(learning_rate, steps_per_epoch, epochs, warmup_epochs)
+  head = builder(sparsity, learning_rate=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                 seed=seed, **method_kwargs)
+  return optax.chain(head, optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum))
+
+
+def _dense(sparsity, **unused) -> optax.GradientTransformation:
+  del sparsity, unused
+  return optax.identity()
+
+
+def _optg(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, **options):
+  del seed
+  return og.mask_optimizer(sparsity, learning_rate, steps_per_epoch, epochs, **options)
+
+
+def _gmp(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, **options):
+  """Zhu & Gupta's window: pruning from 20 % to 70 % of the run, a refresh per epoch."""
+  del learning_rate, seed
+  begin, end = epochs // 5 * steps_per_epoch, epochs * 7 // 10 * steps_per_epoch
+  return og.gmp(sparsity, begin, max(end, begin + 1), steps_per_epoch, **options)
+
+
+def _one_shot(transform: Callable[..., optax.GradientTransformation]) -> RecipeBuilder:
+  def builder(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, **options):
+    del learning_rate, steps_per_epoch, epochs, seed
+    return transform(sparsity, **options)
+  return builder
+
+
+def _random(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, **options):
+  del learning_rate, steps_per_epoch, epochs
+  return og.random_pruning(sparsity, seed, **options)
+
+
+register_recipe("dense", _dense)
+register_recipe("optg", _optg)
+register_recipe("gmp", _gmp)
+register_recipe("magnitude", _one_shot(og.magnitude))
+register_recipe("snip", _one_shot(og.snip))
+register_recipe("random", _random)
