@@ -156,9 +156,12 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
       workdir.mkdir(parents=True, exist_ok=True)
       train.write_json(workdir / "config.json", cfg.to_json())
     start = time.perf_counter()
-    print(f"{cfg.method} {cfg.model} on {cfg.dataset}: sparsity {cfg.sparsity}, {cfg.epochs} "
-          f"epochs, batch {cfg.batch_size}, lr {cfg.lr}, wd {cfg.weight_decay}, "
-          f"{_devices(cfg.batch_size)}", flush=True)
+    if recipes.get_recipe(cfg.method).frozen_weights:  # its own options drive it, not lr/wd
+      settings = f"frozen weights, {dict(cfg.method_options)}"
+    else:
+      settings = f"sparsity {cfg.sparsity}, lr {cfg.lr}, wd {cfg.weight_decay}"
+    print(f"{cfg.method} {cfg.model} on {cfg.dataset}: {settings}, {cfg.epochs} epochs, batch "
+          f"{cfg.batch_size}, {_devices(cfg.batch_size)}", flush=True)
     done = train.train_and_evaluate(cfg, workdir, data_dir=args.data_dir,
                                     stop_after=args.stop_after)
   except UsageError as e:

@@ -59,7 +59,7 @@ def train(train_split: data.Split, *, epochs: int = 20, batch_size: int = 100,
     for idx in rng.permutation(len(train_split.labels))[:spe * batch_size].reshape(spe, -1):
       params, opt_state, _ = train_step(params, opt_state, train_split.images[idx],
                                         train_split.labels[idx])
-  masks = og.final_masks(params, opt_state, sparsity=sparsity)  # OptG: top scores at the target
+  masks = og.final_masks(params, opt_state)  # OptG: the top scores at its target
   nnx.update(model, og.apply_masks(params, masks))  # the model now holds the sparse weights
   return model, params, opt_state, masks
 

@@ -19,6 +19,7 @@ OptG the mask of the final scores at the full target sparsity, as the reference 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -110,7 +111,8 @@ def build(cfg: Config, data_dir: str | None) -> Setup:
     spe = num_train // cfg.batch_size
     if spe < 1:
       raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {num_train} training examples")
-    model = models.get_model(cfg.model, NUM_CLASSES[cfg.dataset])
+    model = models.get_model(cfg.model, NUM_CLASSES[cfg.dataset],
+                             **cfg.model_options.get(cfg.method, {}))
     tx = recipes.make_optimizer(
         cfg.method, cfg.sparsity, steps_per_epoch=spe, epochs=cfg.epochs, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, warmup_epochs=cfg.warmup_epochs,
@@ -150,8 +152,10 @@ def train_run(cfg: Config, workdir: pathlib.Path, *, data_dir: str | None = None
   setup = build(cfg, data_dir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.local_mesh(cfg.batch_size)
-  state = jax.jit(training.init, static_argnums=(0, 1, 3))(setup.model, setup.tx, setup.sample,
-                                                           cfg.seed)
+  init_params = functools.partial(recipes.init_params, cfg.method, seed=cfg.seed,
+                                  **cfg.method_options)
+  state = jax.jit(training.init, static_argnums=(0, 1, 3, 4))(
+      setup.model, setup.tx, setup.sample, cfg.seed, init_params)
   ckpt = parallel.replicate(checkpoint.new(state, cfg.seed), mesh)
   metrics_path = workdir / "metrics.jsonl"
   mngr = checkpoint.manager(workdir / "checkpoints")
@@ -221,13 +225,16 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
 def _finish(cfg, setup, state, records, evaluate, workdir) -> Outcome:
   """The final model (``og.final_masks``; OptG: the final scores' mask at the target sparsity)
   and its accuracy."""
-  state = jax.jit(training.final_state, static_argnums=1)(state, cfg.sparsity)
+  state = jax.jit(training.final_state)(state)
   masks = (og.get_masks(state.opt_state) if training.has_method(state.opt_state) else
-           og.final_masks(state.params, state.opt_state, sparsity=cfg.sparsity))  # all kept
+           og.final_masks(state.params, state.opt_state))  # dense: all kept
   accuracy = _test_accuracy(setup, evaluate, state, cfg.batch_size)
   sparsity = float(og.sparsity_summary(masks).sparsity)
-  write_json(workdir / "result.json", {"method": cfg.method, "test_accuracy": accuracy,
-                                       "sparsity": sparsity})
+  result = {"method": cfg.method, "test_accuracy": accuracy, "sparsity": sparsity,
+            "weights_remaining": 1.0 - sparsity}
+  if cfg.method == "signed_supermask":
+    result["inverted"] = float(og.methods.signed_supermask.inverted_fraction(state.opt_state))
+  write_json(workdir / "result.json", result)
   return Outcome(state, masks, accuracy, records, setup.model, setup.sample)
 
 
@@ -274,6 +281,10 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
       (read_json(workdir / "dense" / "result.json") or {}).get("test_accuracy"))
   table = report.summary_table(rep, method=cfg.method, sparse_accuracy=outcome.accuracy,
                                dense_accuracy=dense_accuracy)
+  if cfg.method == "signed_supermask":  # it keeps, hides or inverts each weight
+    inverted = float(og.methods.signed_supermask.inverted_fraction(outcome.state.opt_state))
+    table += (f"\nweights remaining {1 - rep.sparsity:.2%} of the masked weights, of which "
+              f"{inverted / max(1 - rep.sparsity, 1e-12):.2%} inverted ({inverted:.2%} of all)")
   dense_records = dense.records if dense is not None else report.read_jsonl(
       workdir / "dense" / "metrics.jsonl")
   final = {"epoch": cfg.epochs, "test_accuracy": outcome.accuracy, "sparsity": rep.sparsity}

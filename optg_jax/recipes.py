@@ -18,8 +18,9 @@ The method part comes from a registry of *recipes*, name -> builder, so a new me
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -39,16 +40,34 @@ class RecipeBuilder(Protocol):
     ...
 
 
-_RECIPES: dict[str, RecipeBuilder] = {}
+class Recipe(NamedTuple):
+  """A registered method: its ``builder``; ``frozen_weights``: the method is the whole chain (it
+  trains masks over frozen weights: no weight decay or SGD follows it); ``init_params``:
+  ``(params, key, **options) -> params``, the weights the method needs (e.g. the signed
+  supermask's ELUS constants), or ``None`` to keep the model's init."""
+  builder: RecipeBuilder
+  frozen_weights: bool = False
+  init_params: Callable[..., Any] | None = None
 
 
-def register_recipe(name: str, builder: RecipeBuilder) -> RecipeBuilder:
-  """Registers ``builder`` as the recipe of method ``name`` (replacing one of that name)."""
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, builder: RecipeBuilder, *, frozen_weights: bool = False,
+                    init_params: Callable[..., Any] | None = None) -> RecipeBuilder:
+  """Registers ``builder`` as the recipe of method ``name`` (replacing one of that name).
+
+  Args:
+    name: the method's name in the main job (``--method``).
+    builder: see :class:`RecipeBuilder`.
+    frozen_weights: the method's transformation is the whole chain (see :class:`Recipe`).
+    init_params: ``(params, key, **options) -> params`` re-initialising the weights.
+  """
   if not isinstance(name, str) or not name:
     raise TypeError(f"name must be a non-empty string, got {name!r}")
   if not callable(builder):
     raise TypeError(f"builder of {name!r} must be callable, got {builder!r}")
-  _RECIPES[name] = builder
+  _RECIPES[name] = Recipe(builder, frozen_weights, init_params)
   return builder
 
 
@@ -57,8 +76,8 @@ def names() -> tuple[str, ...]:
   return tuple(_RECIPES)
 
 
-def get_recipe(name: str) -> RecipeBuilder:
-  """The builder of ``name``.
+def get_recipe(name: str) -> Recipe:
+  """The recipe of ``name``.
 
   Raises:
     ValueError: ``name`` is not registered (the message lists the known ones).
@@ -66,6 +85,15 @@ def get_recipe(name: str) -> RecipeBuilder:
   if name not in _RECIPES:
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(_RECIPES)}")
   return _RECIPES[name]
+
+
+def init_params(method: str, params: Any, seed: int, **options: Any) -> Any:
+  """``params`` as ``method`` needs them: re-initialised by its recipe (from
+  ``jax.random.key(seed + 1)``), or unchanged."""
+  recipe = get_recipe(method)
+  if recipe.init_params is None:
+    return params
+  return recipe.init_params(params, jax.random.key(seed + 1), **options)
 
 
 def warmup_cosine_per_epoch(
@@ -96,7 +124,8 @@ def make_optimizer(
     seed: int = 0,
     **method_kwargs: Any,
 ) -> optax.GradientTransformation:
-  """The reference chain ``method → add_decayed_weights → sgd(momentum)`` for ``method``.
+  """The reference chain ``method → add_decayed_weights → sgd(momentum)`` for ``method`` (the
+  method alone where its recipe has ``frozen_weights``).
 
   Weight decay comes after the method, so it acts on every entry of the dense weights (pruned
   ones included, as in OptG's code) while the method's masked gradient ``G ⊙ M`` reaches SGD.
@@ -115,10 +144,12 @@ def make_optimizer(
   Raises:
     ValueError: unknown method (the message lists them), or a bad argument of the method.
   """
-  builder = get_recipe(method)
+  recipe = get_recipe(method)
   lr = warmup_cosine_per_epoch(learning_rate, steps_per_epoch, epochs, warmup_epochs)
-  head = builder(sparsity, learning_rate=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                 seed=seed, **method_kwargs)
+  head = recipe.builder(sparsity, learning_rate=lr, steps_per_epoch=steps_per_epoch,
+                        epochs=epochs, seed=seed, **method_kwargs)
+  if recipe.frozen_weights:
+    return head
   return optax.chain(head, optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum))
 
 
@@ -157,3 +188,41 @@ register_recipe("gmp", _gmp)
 register_recipe("magnitude", _one_shot(og.magnitude))
 register_recipe("snip", _one_shot(og.snip))
 register_recipe("random", _random)
+
+
+def _signed_supermask(sparsity, *, learning_rate, steps_per_epoch, epochs, seed,
+                      score_lr=0.05, score_decay=5e-4, exponential_decay=True, weight_factor=1.5,
+                      **options):
+  """Koster et al.'s FCN / Conv2-8 config: SGDW lr 0.05, decoupled decay 5e-4, both
+  ``×0.9^(t/(10·spe))`` (``exponential_decay=False``: constant), q = 0.4; no sparsity target
+  (``sparsity`` is not used)."""
+  del sparsity, learning_rate, epochs, weight_factor
+  return og.signed_supermask(score_lr, score_decay,
+                             steps_per_epoch if exponential_decay else None, seed=seed, **options)
+
+
+def _edge_popup(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, score_lr=0.1,
+                weights="signed_constant", **options):
+  """Ramanujan et al.'s Conv2-8 config: scores on SGD momentum 0.9, weight decay 1e-4 on the
+  scores, per-epoch cosine learning rate from 0.1; ``1 − sparsity`` kept per layer."""
+  del learning_rate, weights
+  lr = warmup_cosine_per_epoch(score_lr, steps_per_epoch, epochs, warmup_epochs=0)
+  return og.edge_popup(sparsity, lr, seed=seed, **options)
+
+
+def _elus(params, key, *, weight_factor=1.5, **unused):
+  del unused
+  return og.initializers.elus(params, key, factor=weight_factor)
+
+
+def _edge_popup_weights(params, key, *, weights="signed_constant", **unused):
+  del unused
+  inits = {"signed_constant": og.initializers.signed_constant,
+           "kaiming_normal": og.initializers.kaiming_normal}
+  if weights not in inits:
+    raise ValueError(f"weights must be one of {sorted(inits)}, got {weights!r}")
+  return inits[weights](params, key)
+
+
+register_recipe("signed_supermask", _signed_supermask, frozen_weights=True, init_params=_elus)
+register_recipe("edge_popup", _edge_popup, frozen_weights=True, init_params=_edge_popup_weights)

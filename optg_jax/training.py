@@ -22,14 +22,13 @@ import numpy as np
 import optax
 
 import optg_jax as og
-from optg_jax.methods import base
 
 PyTree = Any
 
 
 def has_method(opt_state: Any) -> bool:
   """Whether ``opt_state`` holds the state of a sparsity method (``False`` for dense chains)."""
-  return base.has_state(opt_state)
+  return og.has_state(opt_state)
 
 
 def effective_or_dense(params: PyTree, opt_state: Any) -> PyTree:
@@ -55,13 +54,13 @@ def with_masks_in_use(state: TrainState, masks: PyTree | None) -> TrainState:
   return state._replace(opt_state=og.with_masks(state.opt_state, masks))
 
 
-def final_state(state: TrainState, sparsity: float) -> TrainState:
-  """``state`` with the masks of the final model, ``og.final_masks`` at ``sparsity`` (for OptG
-  the top scores at the full target, which no epoch trained with); a dense state as it is."""
+def final_state(state: TrainState, sparsity: float | None = None) -> TrainState:
+  """``state`` with the masks of the final model, ``og.final_masks`` (for OptG the top scores
+  at the full target, which no epoch trained with; ``sparsity`` selects at another one where the
+  method can); a dense state as it is."""
   if not has_method(state.opt_state):
     return state
-  return with_masks_in_use(state, og.final_masks(state.params, state.opt_state,
-                                                 sparsity=sparsity))
+  return with_masks_in_use(state, og.final_masks(state.params, state.opt_state, sparsity))
 
 
 def sparsity_of(masks: PyTree | None) -> float:
@@ -77,10 +76,14 @@ class TrainState(NamedTuple):
 
 
 def init(model: nn.Module, tx: optax.GradientTransformation, sample: np.ndarray,
-         seed: int) -> TrainState:
-  """Initialises the model on ``sample`` (a batch, NHWC) and the optimizer on its params."""
+         seed: int, init_params: Callable[[PyTree], PyTree] | None = None) -> TrainState:
+  """Initialises the model on ``sample`` (a batch, NHWC) and the optimizer on its params.
+
+  ``init_params`` re-initialises the model's params first (e.g. ``functools.partial(
+  recipes.init_params, 'signed_supermask', seed=0)``: the weights a supermask method needs).
+  """
   variables = model.init(jax.random.key(seed), sample, train=False)
-  params = variables["params"]
+  params = variables["params"] if init_params is None else init_params(variables["params"])
   return TrainState(params, variables.get("batch_stats", {}), tx.init(params))
 
 

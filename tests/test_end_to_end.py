@@ -18,7 +18,7 @@ def _final_accuracy(method: str, sparsity: float, seed: int) -> float:
                               epochs=EPOCHS, learning_rate=0.1, weight_decay=5e-4, seed=seed)
   result = training.fit(models.get_model("lenet300100"), tx, train, test, epochs=EPOCHS,
                         batch_size=BATCH, seed=seed)
-  final = training.final_state(result.state, sparsity)  # OptG: the top scores at the target
+  final = training.final_state(result.state)  # OptG: the top scores at the target
   evaluate = jax.jit(training.make_eval_step(models.get_model("lenet300100")))
   return int(evaluate(final, test.images, test.labels)) / len(test.labels)
 

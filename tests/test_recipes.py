@@ -11,8 +11,6 @@ import pytest
 import optg_jax as og
 from optg_jax import recipes
 from optg_jax import training
-from optg_jax.methods import magnitude as magnitude_lib
-from optg_jax.methods import optg as optg_lib
 
 
 def test_warmup_cosine_per_epoch_matches_the_reference_formula():
@@ -74,9 +72,9 @@ def test_reference_chain_is_method_then_weight_decay_then_sgd(method):
 
 
 @pytest.mark.parametrize("method,state_type", [
-    ("optg", optg_lib.MaskOptimizerState), ("gmp", magnitude_lib.PruningState),
-    ("magnitude", magnitude_lib.PruningState), ("snip", magnitude_lib.PruningState),
-    ("random", magnitude_lib.PruningState)])
+    ("optg", og.methods.scores.ScoresState), ("gmp", og.methods.pruner.PrunerState),
+    ("magnitude", og.methods.pruner.PrunerState), ("snip", og.methods.pruner.PrunerState),
+    ("random", og.methods.pruner.PrunerState)])
 def test_each_method_chain_holds_its_state(method, state_type):
   params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
   tx = recipes.make_optimizer(method, 0.5, steps_per_epoch=3, epochs=10)

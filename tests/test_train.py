@@ -118,13 +118,31 @@ def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
     assert summary["sparse_accuracy"] == record["test_accuracy"]  # no final mask to change
   elif method == "gmp":
     assert kept == N
+  elif method == "signed_supermask":  # no sparsity target: what the decay reached
+    assert 0 < kept < N and 0 < result["inverted"] < result["weights_remaining"]
   else:
     assert kept == KEPT
-  if method == "random":  # uniform per layer: 10 % of each kernel
+  if method in ("random", "edge_popup"):  # uniform per layer: 10 % of each kernel
     assert [layer["kept"] for layer in summary["report"]["layers"]] == [23_520, 3_000, 100]
   assert [layer["name"] for layer in summary["report"]["layers"]] == [
       "fc1/kernel", "fc2/kernel", "classifier/kernel"]  # as the network runs
   assert _final_checkpoint(tmp_path)[0] == SPE
+
+
+@pytest.mark.parametrize("method,constant", [("signed_supermask", 3.0),
+                                             ("edge_popup", 2.0)])
+def test_supermask_methods_keep_their_constant_weights_frozen_in_the_job(method, constant,
+                                                                        tmp_path, data_dir):
+  _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline",
+             epochs=2))
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["model_options"][method]["use_bias"] is False
+  for step in (SPE, 2 * SPE):  # ±√(constant/fan_in) after every epoch, bit for bit
+    params = _checkpoint(tmp_path, step)[1]["params"]
+    assert set(params["fc1"]) == {"kernel"}  # the papers' bias-free variant
+    for name, fan_in in (("fc1", 784), ("fc2", 300), ("classifier", 100)):
+      np.testing.assert_array_equal(np.abs(params[name]["kernel"]),
+                                    np.float32(math.sqrt(constant / fan_in)))
 
 
 def test_metrics_jsonl_has_one_line_per_epoch(tmp_path, data_dir):
@@ -372,8 +390,11 @@ def test_optg_final_masks_are_the_top_scores_at_the_target():
 def test_final_masks_of_other_methods_and_dense():
   params = _tiny_params()
   state = optg_jax.magnitude(0.8).init(params)
-  assert optg_jax.final_masks(params, state, SPARSITY) is state.masks
-  dense = optg_jax.final_masks(params, optax.sgd(0.1).init(params), SPARSITY)
+  assert optg_jax.final_masks(params, state) is state.masks
+  assert optg_jax.final_masks(params, state, 0.8) is state.masks
+  with pytest.raises(ValueError, match=f"sparsity={SPARSITY}"):
+    optg_jax.final_masks(params, state, SPARSITY)
+  dense = optg_jax.final_masks(params, optax.sgd(0.1).init(params))
   assert float(masks_lib.sparsity_summary(dense).sparsity) == 0.0
   assert dense["fc1"]["bias"].shape == ()
   with pytest.raises(ValueError, match="sparsity"):

@@ -22,6 +22,19 @@ METHODS: Mapping[str, Mapping[str, Any]] = {
     "magnitude": {},
     "snip": {},
     "random": {},
+    # Koster et al.'s FCN / Conv2-8 config (SGDW on the masks, decoupled decay, q = 0.4) over
+    # ELUS weights ±√(weight_factor·2/fan_in).
+    "signed_supermask": {"score_lr": 0.05, "score_decay": 5e-4, "threshold": 0.4,
+                         "weight_factor": 1.5},
+    # Ramanujan et al.'s Conv2-8 config: scores on SGD 0.9, wd 1e-4, per-epoch cosine from 0.1,
+    # over signed Kaiming constant weights.
+    "edge_popup": {"score_lr": 0.1, "weight_decay": 1e-4, "weights": "signed_constant"},
+}
+
+# Model options per method: the papers' variants of a model (``models.get_model(**options)``).
+MODEL_OPTIONS: Mapping[str, Mapping[str, Any]] = {
+    "signed_supermask": {"activation": "elu", "use_bias": False},  # the FCN / Conv2-8 of the paper
+    "edge_popup": {"use_bias": False},
 }
 
 
@@ -50,6 +63,8 @@ class Config:
   dense_baseline: bool | None = None  # also train the dense model; None: on for mnist5k
   methods: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=lambda: {name: dict(options) for name, options in METHODS.items()})
+  model_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+      default_factory=lambda: {name: dict(options) for name, options in MODEL_OPTIONS.items()})
 
   def replace(self, **changes: Any) -> Config:
     return dataclasses.replace(self, **changes)
