@@ -202,12 +202,12 @@ def _signed_supermask(sparsity, *, learning_rate, steps_per_epoch, epochs, seed,
 
 
 def _edge_popup(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, score_lr=0.1,
-                weights="signed_constant", **options):
+                score_decay=1e-4, weights="signed_constant", **options):
   """Ramanujan et al.'s Conv2-8 config: scores on SGD momentum 0.9, weight decay 1e-4 on the
   scores, per-epoch cosine learning rate from 0.1; ``1 − sparsity`` kept per layer."""
   del learning_rate, weights
   lr = warmup_cosine_per_epoch(score_lr, steps_per_epoch, epochs, warmup_epochs=0)
-  return og.edge_popup(sparsity, lr, seed=seed, **options)
+  return og.edge_popup(sparsity, lr, weight_decay=score_decay, seed=seed, **options)
 
 
 def _elus(params, key, *, weight_factor=1.5, **unused):

@@ -138,7 +138,7 @@ def test_supermask_methods_keep_their_constant_weights_frozen_in_the_job(method,
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model_options"][method]["use_bias"] is False
   for step in (SPE, 2 * SPE):  # ±√(constant/fan_in) after every epoch, bit for bit
-    params = _checkpoint(tmp_path, step)[1]["params"]
+    params = _checkpoint(tmp_path, step)[1]["state"]["params"]
     assert set(params["fc1"]) == {"kernel"}  # the papers' bias-free variant
     for name, fan_in in (("fc1", 784), ("fc2", 300), ("classifier", 100)):
       np.testing.assert_array_equal(np.abs(params[name]["kernel"]),

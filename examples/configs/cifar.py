@@ -28,7 +28,7 @@ def get_config(model: str = "resnet20") -> default.Config:
   model_options = {"signed_supermask": {}, "edge_popup": {}}  # no ELU / bias switches here
   if model in _SIGNED_RESNET:
     methods["signed_supermask"] = {**_SIGNED_RESNET[model], "exponential_decay": False}
-    methods["edge_popup"] = {**methods["edge_popup"], "weight_decay": 5e-4}
+    methods["edge_popup"] = {**methods["edge_popup"], "score_decay": 5e-4}
     model_options = {"signed_supermask": {"classifier_bias": False},
                      "edge_popup": {"classifier_bias": False}}
   return cfg.replace(methods=methods, model_options=model_options)

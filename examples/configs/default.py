@@ -28,7 +28,7 @@ METHODS: Mapping[str, Mapping[str, Any]] = {
                          "weight_factor": 1.5},
     # Ramanujan et al.'s Conv2-8 config: scores on SGD 0.9, wd 1e-4, per-epoch cosine from 0.1,
     # over signed Kaiming constant weights.
-    "edge_popup": {"score_lr": 0.1, "weight_decay": 1e-4, "weights": "signed_constant"},
+    "edge_popup": {"score_lr": 0.1, "score_decay": 1e-4, "weights": "signed_constant"},
 }
 
 # Model options per method: the papers' variants of a model (``models.get_model(**options)``).
