@@ -16,11 +16,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from optg_jax import _extras
+
+_extras.require("optg_jax.report", "flax", "flax")
+
 import flax.linen as nn
 import jax
 import numpy as np
 
-from optg_jax import _extras
 from optg_jax import _paths
 from optg_jax import masks as masks_lib
 

@@ -15,6 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
+from optg_jax import _extras
+
+_extras.require("optg_jax.training", "flax", "flax")
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

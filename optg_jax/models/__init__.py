@@ -15,6 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from optg_jax import _extras
+
+_extras.require("optg_jax.models", "flax", "flax")
+
 import flax.linen as nn
 
 from optg_jax.models.cifar_resnet import BasicBlock
