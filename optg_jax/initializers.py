@@ -45,19 +45,31 @@ def reinit(params: PyTree, key: jax.Array, init: LeafInit, *, exclude: Iterable[
   return jax.tree.unflatten(treedef, drawn)
 
 
-def signed_constant_init(scale: float = 2.0) -> LeafInit:
-  """``±√(scale/fan_in)``, the sign of a standard normal draw (0 counts as +)."""
+def signed_constant_init(scale: float = 2.0, fan_scale: float = 1.0) -> LeafInit:
+  """``±√(scale/(fan_scale·fan_in))``, the sign of a standard normal draw (0 counts as +)."""
 
   def init(key, shape, dtype):
     sign = jnp.where(jax.random.normal(key, shape) >= 0, 1.0, -1.0)
-    return (sign * math.sqrt(scale / fans(shape)[0])).astype(dtype)
+    return (sign * math.sqrt(scale / (fan_scale * fans(shape)[0]))).astype(dtype)
 
   return init
 
 
-def kaiming_normal_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-  """``N(0, 2/fan_in)``, untruncated (PyTorch's ``kaiming_normal_``)."""
-  return (jax.random.normal(key, shape) * math.sqrt(2.0 / fans(shape)[0])).astype(dtype)
+def kaiming_normal_init(key: jax.Array, shape: tuple[int, ...], dtype: Any,
+                        fan_scale: float = 1.0) -> jax.Array:
+  """``N(0, 2/(fan_scale·fan_in))``, untruncated (PyTorch's ``kaiming_normal_``)."""
+  std = math.sqrt(2.0 / (fan_scale * fans(shape)[0]))
+  return (jax.random.normal(key, shape) * std).astype(dtype)
+
+
+def uniform_init(scale: float) -> LeafInit:
+  """``U(±√(scale/fan_in))`` (``scale = 4.5``: the signed supermask paper's "ELU" baseline)."""
+
+  def init(key, shape, dtype):
+    bound = math.sqrt(scale / fans(shape)[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def kaiming_uniform_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -78,11 +90,24 @@ def elus(params: PyTree, key: jax.Array, factor: float = 1.5, **selection: Any) 
   return reinit(params, key, signed_constant_init(2.0 * factor), **selection)
 
 
-def signed_constant(params: PyTree, key: jax.Array, **selection: Any) -> PyTree:
-  """edge-popup's signed Kaiming constant: ``±√(2/fan_in)``."""
-  return reinit(params, key, signed_constant_init(2.0), **selection)
+def signed_constant(params: PyTree, key: jax.Array, fan_scale: float = 1.0,
+                    **selection: Any) -> PyTree:
+  """edge-popup's signed Kaiming constant: ``±√(2/fan_in)`` (its "usc" configs).
+
+  ``fan_scale`` multiplies the fan: the code's scaled "sc" configs use ``1 − k`` (``k`` the
+  fraction kept; probably a bug, its issue #9), the paper ``k``.
+  """
+  return reinit(params, key, signed_constant_init(2.0, fan_scale), **selection)
 
 
-def kaiming_normal(params: PyTree, key: jax.Array, **selection: Any) -> PyTree:
-  """edge-popup's Kaiming normal: ``N(0, 2/fan_in)``, untruncated."""
-  return reinit(params, key, kaiming_normal_init, **selection)
+def kaiming_normal(params: PyTree, key: jax.Array, fan_scale: float = 1.0,
+                   **selection: Any) -> PyTree:
+  """edge-popup's Kaiming normal: ``N(0, 2/fan_in)``, untruncated ("ukn"; ``fan_scale`` as in
+  :func:`signed_constant` for "kn")."""
+  return reinit(params, key, lambda k, s, d: kaiming_normal_init(k, s, d, fan_scale),
+                **selection)
+
+
+def elu_uniform(params: PyTree, key: jax.Array, **selection: Any) -> PyTree:
+  """The signed supermask paper's dense "ELU" baseline init: ``U(±√(4.5/fan_in))``."""
+  return reinit(params, key, uniform_init(4.5), **selection)

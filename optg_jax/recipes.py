@@ -202,10 +202,10 @@ def _signed_supermask(sparsity, *, learning_rate, steps_per_epoch, epochs, seed,
 
 
 def _edge_popup(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, score_lr=0.1,
-                score_decay=1e-4, weights="signed_constant", **options):
+                score_decay=1e-4, weights="signed_constant", fan_scale=1.0, **options):
   """Ramanujan et al.'s Conv2-8 config: scores on SGD momentum 0.9, weight decay 1e-4 on the
   scores, per-epoch cosine learning rate from 0.1; ``1 − sparsity`` kept per layer."""
-  del learning_rate, weights
+  del learning_rate, weights, fan_scale
   lr = warmup_cosine_per_epoch(score_lr, steps_per_epoch, epochs, warmup_epochs=0)
   return og.edge_popup(sparsity, lr, weight_decay=score_decay, seed=seed, **options)
 
@@ -215,13 +215,13 @@ def _elus(params, key, *, weight_factor=1.5, **unused):
   return og.initializers.elus(params, key, factor=weight_factor)
 
 
-def _edge_popup_weights(params, key, *, weights="signed_constant", **unused):
+def _edge_popup_weights(params, key, *, weights="signed_constant", fan_scale=1.0, **unused):
   del unused
   inits = {"signed_constant": og.initializers.signed_constant,
            "kaiming_normal": og.initializers.kaiming_normal}
   if weights not in inits:
     raise ValueError(f"weights must be one of {sorted(inits)}, got {weights!r}")
-  return inits[weights](params, key)
+  return inits[weights](params, key, fan_scale)
 
 
 register_recipe("signed_supermask", _signed_supermask, frozen_weights=True, init_params=_elus)

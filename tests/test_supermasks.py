@@ -71,6 +71,11 @@ def test_elus_and_signed_constant_are_plus_minus_the_constant_of_the_fan_in():
   signed = og.initializers.signed_constant(params, jax.random.key(1))
   np.testing.assert_allclose(np.abs(signed["conv"]["kernel"]), math.sqrt(2 / 18), rtol=1e-6)
   assert signed["fc"]["bias"] is params["fc"]["bias"]  # non-kernels untouched
+  scaled = og.initializers.signed_constant(params, jax.random.key(1), fan_scale=0.5)
+  np.testing.assert_allclose(np.abs(scaled["fc"]["kernel"]), math.sqrt(2 / 8), rtol=1e-6)
+  np.testing.assert_array_equal(np.sign(scaled["fc"]["kernel"]), np.sign(signed["fc"]["kernel"]))
+  baseline = og.initializers.elu_uniform(params, jax.random.key(1))["fc"]["kernel"]
+  assert math.sqrt(4.5 / 16) * 0.9 < float(jnp.max(jnp.abs(baseline))) <= math.sqrt(4.5 / 16)
 
 
 def test_kaiming_normal_and_xavier_uniform_have_the_papers_spread():
