@@ -23,6 +23,7 @@ from optg_jax.methods.optg import mask_optimizer
 from optg_jax.methods.optg import optg
 from optg_jax.methods.pruner import scored_pruner
 from optg_jax.methods.random_pruning import random_pruning
+from optg_jax.methods.rst import rst
 from optg_jax.methods.scores import trainable_scores
 from optg_jax.methods.selection import Selection
 from optg_jax.methods.signed_supermask import signed_supermask
@@ -50,6 +51,7 @@ __all__ = (
     "parallel",
     "random_pruning",
     "register_state",
+    "rst",
     "schedules",
     "scored_pruner",
     "select",

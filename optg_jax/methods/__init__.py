@@ -11,6 +11,7 @@ from optg_jax.methods import magnitude
 from optg_jax.methods import optg
 from optg_jax.methods import pruner
 from optg_jax.methods import random_pruning
+from optg_jax.methods import rst
 from optg_jax.methods import scores
 from optg_jax.methods import selection
 from optg_jax.methods import signed_supermask

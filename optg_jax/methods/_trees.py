@@ -33,6 +33,12 @@ def zeros(params: PyTree, prunable: PyTree) -> PyTree:
                       prunable, params)
 
 
+def fill_true(per_leaf: PyTree, params: PyTree) -> PyTree:
+  """A mask tree: ``per_leaf``'s arrays at the prunable leaves, a scalar ``True`` elsewhere."""
+  return jax.tree.map(lambda m, p: jnp.array(True) if m is None else m, per_leaf, params,
+                      is_leaf=_is_none)
+
+
 def require_params(params: Any, method: str) -> None:
   if params is None:
     raise ValueError(f"{method} needs the params: call tx.update(grads, opt_state, params)")

@@ -199,12 +199,6 @@ def random_scores(seed: int, leaf_init: initializers.LeafInit,
   return init_scores
 
 
-def _keep_true(prunable_masks: PyTree, params: PyTree) -> PyTree:
-  """Scalar ``True`` at the non-prunable leaves of a per-prunable-leaf tree."""
-  return jax.tree.map(lambda m, p: jnp.array(True) if m is None else m, prunable_masks, params,
-                      is_leaf=lambda x: x is None)
-
-
 @dataclasses.dataclass(frozen=True)
 class TopKAtTarget:
   """``final_masks`` rule: the exact top-k of ``S`` (or ``|S|``) at the target ``sparsity``.
@@ -246,7 +240,7 @@ def ternary_masks(scores: PyTree, params: PyTree, step: Any, aux: PyTree) -> PyT
   del step
   ternary = _trees.map_prunable(
       lambda s, tau: (jnp.sign(s) * (jnp.abs(s) > tau)).astype(jnp.int8), scores, aux)
-  return _keep_true(ternary, params)
+  return _trees.fill_true(ternary, params)
 
 
 def soft_masks(beta: schedules.Schedule, s0: float = 0.0) -> MaskFn:
@@ -257,6 +251,6 @@ def soft_masks(beta: schedules.Schedule, s0: float = 0.0) -> MaskFn:
   def mask_fn(scores, params, step, aux):
     del aux
     soft = _trees.map_prunable(lambda s: scale * jax.nn.sigmoid(beta(step) * s), scores)
-    return _keep_true(soft, params)
+    return _trees.fill_true(soft, params)
 
   return mask_fn
