@@ -32,6 +32,7 @@ try:
 except ImportError as e:  # an extra is missing: the message names it
   sys.exit(f"{pathlib.Path(sys.argv[0]).name}: error: {e}")
 
+import optg_jax as og
 from optg_jax import checkpoint
 from optg_jax import data
 from optg_jax import models
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
       settings = f"frozen weights, {dict(cfg.method_options)}"
     else:
       settings = f"sparsity {cfg.sparsity}, lr {cfg.lr}, wd {cfg.weight_decay}"
+    if cfg.method == "optg":
+      ramp = cfg.method_options.get("ramp", "reference")
+      settings += f", {og.methods.optg.resolve_ramp(ramp, cfg.epochs)} ramp (ramp={ramp!r})"
     print(f"{cfg.method} {cfg.model} on {cfg.dataset}: {settings}, {cfg.epochs} epochs, batch "
           f"{cfg.batch_size}, {_devices(cfg.batch_size)}", flush=True)
     done = train.train_and_evaluate(cfg, workdir, data_dir=args.data_dir,

@@ -194,6 +194,37 @@ def sigmoid_fraction(steps_per_epoch: int, total_epochs: int, beta: float = 1.0)
   return schedule
 
 
+def sigmoid_window_fraction(steps_per_epoch: int, begin_epoch: float,
+                            end_epoch: float) -> Schedule:
+  """OptG's sigmoid ramp compressed into the epochs ``[begin_epoch, end_epoch]``, reaching the
+  target exactly at ``end_epoch``.
+
+  ``min(1, σ(β(e − c)) / σ(β(b − c)))`` with ``c`` the window's middle and ``β = 10/(b − a)``, so
+  the ramp spans the window as the reference's ``β = 1`` spans its 10 middle epochs; exactly 1
+  from epoch ``b`` on. A per-epoch staircase, like :func:`sigmoid_fraction`.
+
+  Args:
+    steps_per_epoch: optimizer steps per epoch, >= 1.
+    begin_epoch, end_epoch: ``a < b``, in epochs (fractional allowed).
+
+  Returns:
+    ``step -> fraction`` in (0, 1], a float32 scalar.
+  """
+  steps_per_epoch = _check_int(steps_per_epoch, "steps_per_epoch", 1)
+  begin, end = _check_finite(begin_epoch, "begin_epoch"), _check_finite(end_epoch, "end_epoch")
+  if not 0 <= begin < end:
+    raise ValueError(f"need 0 <= begin_epoch < end_epoch, got {begin} and {end}.")
+  middle, beta = (begin + end) / 2, 10.0 / (end - begin)
+  top = 1.0 / (1.0 + math.exp(-beta * (end - middle)))
+
+  def schedule(step: chex.Numeric) -> chex.Array:
+    epoch = (_as_step(step) // steps_per_epoch).astype(jnp.float32)
+    ramp = jax.nn.sigmoid(beta * (epoch - middle)) / top
+    return jnp.where(epoch >= end, 1.0, jnp.minimum(ramp, 1.0)).astype(jnp.float32)
+
+  return schedule
+
+
 def fraction_of_target(schedule: Schedule, final_sparsity: float) -> Schedule:
   """``step -> schedule(step) / final_sparsity``, the fraction of the target reached (1 where
   ``final_sparsity`` is 0). Mask builders use it to count exactly at the target itself."""

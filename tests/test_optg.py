@@ -2,6 +2,7 @@
 weight decay on pruned weights, exact counts, jit and optax wrappers."""
 
 import math
+import warnings
 
 import chex
 import jax
@@ -272,3 +273,34 @@ def test_bad_input():
     tx.update(_params(), state)
   with pytest.raises(ValueError, match="exactly one"):
     og.effective_params(_params(), optax.sgd(0.1).init(_params()))
+
+
+def test_budget_ramp_reaches_the_target_exactly_at_six_tenths_of_the_run():
+  fraction = og.schedules.sigmoid_window_fraction(SPE, 1.0, 6.0)
+  values = [float(fraction(e * SPE + SPE - 1)) for e in range(10)]
+  expected = [min(1.0, (1 / (1 + math.exp(-2 * (e - 3.5)))) / (1 / (1 + math.exp(-5))))
+              for e in range(6)] + [1.0] * 4
+  np.testing.assert_allclose(values, expected, rtol=1e-6)
+  assert values[6:] == [1.0] * 4 and all(a < b for a, b in zip(values[:6], values[1:7]))
+  tx = optax.chain(og.mask_optimizer(0.7, 0.5, SPE, 10, ramp="budget"), optax.sgd(0.1))
+  _, opt_state, history = _run(tx, SPE * 10)
+  n = 5 * 8 + 8 * 3
+  for t, (_, masks, _, _) in enumerate(history):
+    kept = sum(int(m.sum()) for m in jax.tree.leaves(masks) if m.ndim)
+    if t >= 6 * SPE:  # the last 40% of the run trains at the target
+      assert kept == n - math.floor(0.7 * n), t
+
+
+def test_reference_ramp_warns_when_a_short_run_cannot_reach_its_target():
+  with pytest.warns(UserWarning, match="ramp='budget'"):
+    og.mask_optimizer(0.9, 0.1, SPE, 10)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    og.mask_optimizer(0.9, 0.1, SPE, 40)
+    og.mask_optimizer(0.9, 0.1, SPE, 10, ramp="budget")
+    og.mask_optimizer(0.9, 0.1, SPE, 10, ramp="auto")
+  auto = og.methods.optg.resolve_ramp
+  assert (auto("auto", 99), auto("auto", 100), auto("reference", 10)) == (
+      "budget", "reference", "reference")
+  with pytest.raises(ValueError, match="ramp"):
+    og.mask_optimizer(0.9, 0.1, SPE, 10, ramp="linear")

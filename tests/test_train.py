@@ -157,8 +157,11 @@ def test_metrics_jsonl_has_one_line_per_epoch(tmp_path, data_dir):
   # dense run's init, data and chain: the same loss and accuracy, bit for bit.
   assert (records[0]["loss"], records[0]["test_accuracy"], records[0]["sparsity"]) == (
       dense[0]["loss"], dense[0]["test_accuracy"], 0.0)
-  # Epoch 2 trains with the mask refreshed at its start, P·σ(1 − E/2) = P/2: exact count.
-  assert round(records[1]["sparsity"] * N) == _removed(SPARSITY / 2)
+  # Epoch 2 trains with the mask refreshed at its start, P·f(1) of the budget ramp (E = 2: the
+  # window [0.2, 1.2]): exact count.
+  fraction = schedules.sigmoid_window_fraction(SPE, 0.2, 1.2)(SPE)
+  removed = N - int(optg_jax.select.keep_count(N, SPARSITY * fraction))
+  assert round(records[1]["sparsity"] * N) == removed and 0 < removed < N - KEPT
   assert records[1]["loss"] != dense[1]["loss"]
   assert 0 < records[0]["seconds"] < records[1]["seconds"]
 
@@ -211,11 +214,14 @@ def test_resume_after_a_stop_ends_as_an_uninterrupted_run(tmp_path, data_dir, un
 
 
 def test_epochs_are_evaluated_with_the_masks_they_trained_with(uninterrupted, data_dir):
-  """OptG, P = 0.9, E = 3: epoch e trains with p_{e-1} = 0, P·σ(−1/2), P·σ(1/2) (the refresh in
-  its last update installs the next epoch's mask, which its record must not show)."""
+  """OptG as the job runs it (ramp 'auto': the budget ramp at E = 3, the target from epoch 1.8
+  on), P = 0.9: epoch e trains with the mask of p_{e-1} = 0, P·f(1), P (the refresh in its last
+  update installs the next epoch's mask, which its record must not show)."""
   records = _metrics(uninterrupted)
-  trained = [0.0, SPARSITY / (1 + math.exp(0.5)), SPARSITY / (1 + math.exp(-0.5))]
-  assert [round(r["sparsity"] * N) for r in records] == [_removed(p) for p in trained]
+  fraction = schedules.sigmoid_window_fraction(SPE, 0.3, 1.8)(SPE)
+  assert 0.3 < float(fraction) < 0.6
+  removed = [0, N - int(optg_jax.select.keep_count(N, SPARSITY * fraction)), N - KEPT]
+  assert [round(r["sparsity"] * N) for r in records] == removed
   # The checkpoint of epoch e holds the mask that epoch e + 1 trains with.
   steps = [SPE, 2 * SPE, 3 * SPE]
   ckpts = [_params_and_masks(_checkpoint(uninterrupted, step)[1]) for step in steps]

@@ -17,7 +17,9 @@ from typing import Any
 # give a method other options, e.g. ``{"optg": {"distribution": "erk"}}``.
 METHODS: Mapping[str, Mapping[str, Any]] = {
     "dense": {},
-    "optg": {},
+    # 'auto': the authors' ramp from 100 epochs on, below that the budget ramp, which reaches
+    # the target at 0.6·E (og.mask_optimizer's `ramp`; the job prints which one it uses).
+    "optg": {"ramp": "auto"},
     "gmp": {},
     "magnitude": {},
     "snip": {},

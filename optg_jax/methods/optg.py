@@ -17,13 +17,18 @@ It is :func:`~optg_jax.methods.scores.trainable_scores` with zero scores, the sc
 The defaults follow the authors' code (github.com/zyxxmu/OptG at dae1970): sigmoid staircase
 ``p_e = P·σ(β(e − E/2))`` with β = 1, refresh once per epoch, all kernels in one global pool.
 One deliberate difference: the code keeps every score tied at the threshold (so it may keep more
-than ``k``); here exactly ``k = N − floor(p·N)`` are kept, ties going to the earlier weight. The
-initial all-zero scores are the one big tie where that matters, so the mask starts dense, as in
-the code. The final model's mask (``og.final_masks``) is the top-k of the final scores at ``P``.
+than ``k``, and keeps ``N − ceil(p·N)`` when there is no tie); here exactly ``k = N − floor(p·N)``
+are kept, ties going to the earlier weight. Ties are common, not only in the initial all-zero
+scores (where the mask starts dense, as in the code): weights that never get a gradient (on
+always-zero input pixels, of dead units) keep exact-zero scores, and the code keeps all of them,
+training such epochs below the scheduled sparsity. The final model's mask (``og.final_masks``) is
+the top-k of the final scores at ``P``.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +47,7 @@ def mask_optimizer(
     total_epochs: int | None = None,
     *,
     beta: float = 1.0,
+    ramp: str = "reference",
     momentum: float = 0.9,
     nesterov: bool = False,
     score_weight_decay: float = 0.0,
@@ -70,6 +76,12 @@ def mask_optimizer(
     steps_per_epoch: optimizer steps per epoch; needed by the default schedule and refresh.
     total_epochs: ``E``, needed by the default sigmoid schedule.
     beta: steepness of the sigmoid schedule, per epoch.
+    ramp: ``'reference'``: ``p_e = P·σ(β(e − E/2))``, the authors' (tuned for 100-180 epochs;
+      it warns at construction when its last epoch trains below 99.9% of the target);
+      ``'budget'``: the same sigmoid compressed into epochs ``[0.1·E, 0.6·E]`` and reaching ``P``
+      exactly at ``0.6·E`` (:func:`optg_jax.schedules.sigmoid_window_fraction`), so that short
+      runs train their last 40% at the target and the final mask is one they trained with;
+      ``'auto'``: ``'reference'`` for ``E >= 100``, else ``'budget'``.
     momentum: the scores' SGD momentum (PyTorch form: ``v ← μv + g``).
     nesterov: Nesterov momentum for the scores (not in the reference).
     score_weight_decay: L2 decay added to the scores' gradient (0 in the reference).
@@ -92,7 +104,7 @@ def mask_optimizer(
   selection = Selection(distribution, exclude, filter_fn, layer_axes, overrides)
   if sparsity_schedule is None:
     _require(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
-    fraction = schedules.sigmoid_fraction(steps_per_epoch, total_epochs, beta)
+    fraction = _ramp(ramp, steps_per_epoch, total_epochs, beta)
   else:
     fraction = schedules.fraction_of_target(sparsity_schedule, final)
   if refresh is None:
@@ -111,6 +123,33 @@ def mask_optimizer(
 
 optg = mask_optimizer
 """The paper's name for :func:`mask_optimizer`."""
+
+
+RAMPS = ("reference", "budget", "auto")
+"""The ``ramp`` values of :func:`mask_optimizer`."""
+
+
+def resolve_ramp(ramp: str, total_epochs: int) -> str:
+  """``'auto'`` resolved for a run of ``total_epochs``: ``'reference'`` from 100 epochs on."""
+  if ramp not in RAMPS:
+    raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
+  if ramp == "auto":
+    return "reference" if total_epochs >= 100 else "budget"
+  return ramp
+
+
+def _ramp(ramp: str, steps_per_epoch: int, total_epochs: int, beta: float):
+  if resolve_ramp(ramp, total_epochs) == "budget":
+    return schedules.sigmoid_window_fraction(steps_per_epoch, 0.1 * total_epochs,
+                                             0.6 * total_epochs)
+  reached = 1.0 / (1.0 + math.exp(-beta * (total_epochs - 1 - total_epochs / 2)))
+  if reached < 0.999:
+    warnings.warn(
+        f"og.mask_optimizer: the reference ramp p_e = P·σ(β(e − E/2)) trains its last epoch at "
+        f"{reached:.4f}·P with E = {total_epochs}, β = {beta}: the final mask at P is one the "
+        "weights never trained with. Pass ramp='budget' (or 'auto') for short runs.",
+        stacklevel=3)
+  return schedules.sigmoid_fraction(steps_per_epoch, total_epochs, beta)
 
 
 def _is_zero(value: Any) -> bool:

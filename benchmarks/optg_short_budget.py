@@ -1,0 +1,62 @@
+"""OptG at short budgets: the reference ramp, the budget ramp and GMP on the embedded digits.
+
+LeNet-300-100 on mnist5k, batch 100, each method's reference chain (per-epoch warm-up + cosine
+SGD, momentum 0.9, weight decay 5e-4), final test accuracy of the final model (OptG: the top
+scores at P), for E epochs and target P, mean over seeds. Nothing is asserted; the table of
+issue 11 comes from::
+
+  python benchmarks/optg_short_budget.py --epochs 10 20 40 --sparsity 0.95 0.98 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+
+from optg_jax import data
+from optg_jax import models
+from optg_jax import recipes
+from optg_jax import training
+
+BATCH = 100
+VARIANTS = {"optg (reference ramp)": ("optg", {"ramp": "reference"}),
+            "optg (budget ramp)": ("optg", {"ramp": "budget"}),
+            "gmp": ("gmp", {})}
+
+
+def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, seed: int) -> float:
+  train, test = data.load_mnist_5k(seed=seed)
+  tx = recipes.make_optimizer(method, sparsity, steps_per_epoch=len(train.labels) // BATCH,
+                              epochs=epochs, seed=seed, **options)
+  model = models.get_model("lenet300100")
+  result = training.fit(model, tx, train, test, epochs=epochs, batch_size=BATCH, seed=seed)
+  evaluate = jax.jit(training.make_eval_step(model))
+  final = training.final_state(result.state)
+  return int(evaluate(final, test.images, test.labels)) / len(test.labels)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--epochs", type=int, nargs="+", default=[10, 20, 40])
+  parser.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.98])
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  args = parser.parse_args()
+  print("| P | E | " + " | ".join(VARIANTS) + " |")
+  print("|---|---|" + "---|" * len(VARIANTS))
+  for p in args.sparsity:
+    for e in args.epochs:
+      means = {}
+      for name, (method, options) in VARIANTS.items():
+        accs = [final_accuracy(method, options, p, e, s) for s in args.seeds]
+        means[name] = (100 * float(np.mean(accs)), 100 * float(np.std(accs)))
+      print(f"| {p} | {e} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in means.values())
+            + " |", flush=True)
+      print(json.dumps({"sparsity": p, "epochs": e, "seeds": args.seeds, "mean_std": means}),
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()
