@@ -10,6 +10,8 @@ import pytest
 
 import optg_jax as og
 
+import helpers
+
 
 def _params():
   k = jax.random.split(jax.random.key(3), 3)
@@ -25,13 +27,7 @@ def _loss(p, t):
 def _train(tx, steps, params=None):
   params = _params() if params is None else params
   opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, t):
-    grads = jax.grad(_loss)(og.effective_params(params, opt_state), t)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, grads
-
+  step = helpers.jitted_step(tx, _loss)
   trace = []
   for t in range(steps):
     trace.append((params, og.get_masks(opt_state)))

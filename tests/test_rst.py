@@ -10,6 +10,8 @@ import optax
 import pytest
 
 import optg_jax as og
+
+import helpers
 from optg_jax.methods import rst as rst_lib
 
 
@@ -86,17 +88,11 @@ def test_removed_weights_are_extruded_to_about_zero_before_the_mask():
   extrusion = dict(granularity=2.0, upper_limit=20.0, interval=1, stabilize=60)
   tx = optax.chain(og.rst(0.7, **extrusion), optax.sgd(0.05, momentum=0.9))
   state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, t):
-    grads = jax.grad(_loss)(og.effective_params(params, state), t)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
+  step = helpers.jitted_step(tx, _loss)
   steps = rst_lib.phases(**extrusion).extrusion_steps
   start = params
   for t in range(steps):
-    params, state = step(params, state, t)
+    params, state, _ = step(params, state, t)
   removed = ~np.asarray(og.get_masks(state)["a"]["kernel"])
   assert removed.sum() == 49
   before = np.abs(np.asarray(start["a"]["kernel"]))[removed]

@@ -14,6 +14,8 @@ import optax
 import pytest
 
 import optg_jax as og
+
+import helpers
 from optg_jax import models
 from optg_jax.data import mnist_5k
 from optg_jax.methods import signed_supermask as signed_lib
@@ -41,13 +43,7 @@ def _bits(tree):
 
 def _train(tx, params, steps, loss=_loss):
   state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, t):
-    grads = jax.grad(loss)(og.effective_params(params, state), t)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, grads
-
+  step = helpers.jitted_step(tx, loss)
   history = []
   for t in range(steps):
     before = state

@@ -18,6 +18,8 @@ import pytest
 
 import optg_jax as og
 
+import helpers
+
 DATA = pathlib.Path(__file__).parent / "data" / "trajectories.npz"
 SPE, EPOCHS = 3, 4
 STEPS = SPE * EPOCHS
@@ -70,15 +72,9 @@ def _trajectory(method: optax.GradientTransformation) -> dict[str, np.ndarray]:
   tx = optax.chain(method, optax.add_decayed_weights(5e-4), optax.sgd(_lr, momentum=0.9))
   params = _params()
   opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, t):
-    grads = jax.grad(_loss)(og.effective_params(params, opt_state), t)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
+  step = helpers.jitted_step(tx, _loss)
   for t in range(STEPS):
-    params, opt_state = step(params, opt_state, t)
+    params, opt_state, _ = step(params, opt_state, t)
   out = {}
   for name, tree in (("params", params), ("masks", og.get_masks(opt_state))):
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
