@@ -3,6 +3,7 @@ sparse inference equal to the masked dense model; damaged files refused; the ben
 mode."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -184,3 +185,17 @@ def test_scipy_csr_layout_matches_dense(tmp_path):
   np.testing.assert_allclose(x @ csr, x @ np.where(m, w, 0.0), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="layout"):
     export.load_sparse(tmp_path / "c.ospk", layout="csc")
+
+
+def test_benchmark_quick_mode_runs_and_writes_its_table(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_inference.py"),
+                         "--quick", "--out", str(out)], capture_output=True, text=True,
+                        timeout=300, check=False, cwd=ROOT,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  rows = {r["sparsity"]: r for r in result["rows"]}
+  assert set(rows) == {0.9, 0.99} and "| lenet300100 | 99% |" in proc.stdout
+  assert rows[0.99]["size_ratio"] < 0.05 < rows[0.9]["size_ratio"]
+  assert all(rows[0.9][f"{n}_b64_ms"] > 0 for n in ("dense", "bcoo", "jax_csr", "scipy_csr"))
