@@ -101,16 +101,22 @@ def forward_fns(params: dict, sparse_bcoo: dict) -> dict[str, Callable]:
   return fns
 
 
-def time_ms(fn: Callable, x: np.ndarray, repeats: int) -> float:
-  """Median wall time of ``fn(x)`` in milliseconds after two warm-up calls."""
-  fn(x)
-  fn(x)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+def time_ms(fns: dict[str, Callable], x: np.ndarray, repeats: int) -> dict[str, float]:
+  """Median wall time of each ``fn(x)`` in milliseconds, after two warm-up calls each.
+
+  The layouts take turns (one call each per round), so a load change on a shared machine
+  affects all of them alike and the ratios to dense stay comparable.
+  """
+  for fn in fns.values():
     fn(x)
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+    fn(x)
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn(x)
+      times[name].append((time.perf_counter() - t0) * 1e3)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_case(model: str, sparsity: float, batches: tuple[int, ...], repeats: int,
@@ -131,9 +137,10 @@ def run_case(model: str, sparsity: float, batches: tuple[int, ...], repeats: int
   for batch in batches:
     x = rng.standard_normal((batch, MODELS[model][0])).astype(np.float32)
     ref = np.asarray(fns["dense"](x))
-    for name, fn in fns.items():
+    for fn in fns.values():
       np.testing.assert_allclose(np.asarray(fn(x)), ref, rtol=1e-4, atol=1e-4)
-      row[f"{name}_b{batch}_ms"] = time_ms(fn, x, repeats)
+    for name, ms in time_ms(fns, x, repeats).items():
+      row[f"{name}_b{batch}_ms"] = ms
   return row
 
 

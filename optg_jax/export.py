@@ -184,7 +184,8 @@ def _library_version() -> str:
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict, memoryview]:
   """Checks magic, length and SHA-256; returns ``(header, payload)``."""
-  data = open(path, "rb").read()
+  with open(path, "rb") as f:
+    data = f.read()
   name = os.fspath(path)
   if not data.startswith(MAGIC):
     raise CompactFileError(f"{name}: not an optg_jax compact file (bad magic bytes)")
@@ -247,7 +248,8 @@ def _dense_leaf(entry: dict, payload: memoryview) -> np.ndarray:
 
 
 def _assemble(leaves: dict[str, Any], like: PyTree | None) -> PyTree:
-  """Puts ``{path: leaf}`` into ``like``'s treedef, or into nested dicts split at ``/``."""
+  """Puts ``{path: leaf}`` (arrays or sparse matrices, kept whole) into ``like``'s treedef, or
+  into nested dicts split at ``/``."""
   if like is None:
     tree: dict = {}
     for path, leaf in leaves.items():
@@ -323,17 +325,7 @@ def load_sparse(path: str | os.PathLike[str], like: PyTree | None = None, *,
     sparse_2d = e["kind"] == "sparse" and len(e["shape"]) == 2
     leaves[e["path"]] = (_LAYOUTS[layout](e, payload) if sparse_2d else
                          jnp.asarray(_dense_leaf(e, payload)))
-  return _assemble_sparse(leaves, like)
-
-
-def _assemble_sparse(leaves: dict[str, Any], like: PyTree | None) -> PyTree:
-  """:func:`_assemble` with sparse leaves kept whole (not flattened into their buffers)."""
-  if like is None:
-    return _assemble(leaves, None)
-  paths, _, treedef = _flat_with_paths(like)
-  if set(paths) != set(leaves):
-    raise ValueError(f"like: its leaves and the file's differ at {sorted(set(paths) ^ set(leaves))[:5]}")
-  return jax.tree_util.tree_unflatten(treedef, [leaves[p] for p in paths])
+  return _assemble(leaves, like)
 
 
 def is_sparse(leaf: Any) -> bool:
