@@ -199,3 +199,24 @@ def test_benchmark_quick_mode_runs_and_writes_its_table(tmp_path):
   assert set(rows) == {0.9, 0.99} and "| lenet300100 | 99% |" in proc.stdout
   assert rows[0.99]["size_ratio"] < 0.05 < rows[0.9]["size_ratio"]
   assert all(rows[0.9][f"{n}_b64_ms"] > 0 for n in ("dense", "bcoo", "jax_csr", "scipy_csr"))
+
+
+def test_sparse_apply_runs_a_conv_net_with_batch_stats_through_the_dense_fallback(tmp_path):
+  """ResNet-20: its convolution kernels are densified on load, its classifier runs on BCOO,
+  its batch_stats are kept whole; outputs equal the masked dense model's."""
+  pytest.importorskip("flax")
+  from optg_jax import models  # pylint: disable=import-outside-toplevel  (the flax extra)
+  model = models.get_model("resnet20", 10)
+  x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  values, masks = export.compact_params(variables["params"],
+                                        og.magnitude(0.9).init(variables["params"]))
+  keep = {"params": masks, "batch_stats": jax.tree.map(lambda _: True, variables["batch_stats"])}
+  export.save(tmp_path / "r.ospk", {**variables, "params": values}, keep)
+  sparse_vars = export.load_sparse(tmp_path / "r.ospk", like=variables)
+  leaves = jax.tree.leaves(sparse_vars, is_leaf=export.is_sparse)
+  assert sum(map(export.is_sparse, leaves)) == 1  # the classifier; 4-D conv kernels dense
+  out = export.sparse_apply(model, sparse_vars, x, train=False)
+  masked = model.apply({**variables, "params": og.apply_masks(values, masks)}, x, train=False)
+  scale = float(jnp.max(jnp.abs(masked)))
+  np.testing.assert_allclose(out, masked, rtol=1e-5, atol=1e-5 * scale)
