@@ -234,8 +234,27 @@ def _finish(cfg, setup, state, records, evaluate, workdir) -> Outcome:
             "weights_remaining": 1.0 - sparsity}
   if cfg.method == "signed_supermask":
     result["inverted"] = float(og.methods.signed_supermask.inverted_fraction(state.opt_state))
+  result["compact_model"] = export_model(cfg, state, masks, workdir / COMPACT_MODEL)
   write_json(workdir / "result.json", result)
   return Outcome(state, masks, accuracy, records, setup.model, setup.sample)
+
+
+COMPACT_MODEL = "model.ospk"  # the shipped model: og.export's compact file (examples/infer.py)
+
+
+def export_model(cfg: Config, state: training.TrainState, masks: Any,
+                 path: pathlib.Path) -> dict[str, Any]:
+  """Writes the final model's variables compactly (``og.export``): ``params`` as deployed (the
+  effective weights ⊙ ``masks``) and ``batch_stats`` whole. Returns ``{"file", "bytes",
+  "dense_bytes"}`` (``dense_bytes``: the same variables stored dense)."""
+  values, masks = og.export.compact_params(state.params, state.opt_state, masks)
+  variables, keep = {"params": values}, {"params": masks}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+    keep["batch_stats"] = jax.tree.map(lambda _: True, state.batch_stats)
+  info = og.export.save(path, variables, keep, metadata={
+      "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset})
+  return {"file": path.name, "bytes": info["bytes"], "dense_bytes": info["dense_bytes"]}
 
 
 def wants_baseline(cfg: Config) -> bool:

@@ -1,6 +1,7 @@
 """optg_jax: sparse neural network training for JAX/Flax/optax (OptG and its family)."""
 
 from optg_jax import distributions
+from optg_jax import export
 from optg_jax import initializers
 from optg_jax import masks
 from optg_jax import methods
@@ -37,6 +38,7 @@ __all__ = (
     "distributions",
     "edge_popup",
     "effective_params",
+    "export",
     "final_masks",
     "get_masks",
     "gmp",

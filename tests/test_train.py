@@ -129,6 +129,30 @@ def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
   assert _final_checkpoint(tmp_path)[0] == SPE
 
 
+@pytest.mark.parametrize("method", ["optg", "signed_supermask"])
+def test_the_job_ships_a_compact_model_that_infer_reproduces(method, tmp_path, data_dir, capsys):
+  """result.json names model.ospk; examples/infer.py loads it and prints the summary's accuracy
+  (dense load exactly; sparse inference within one test example of 100)."""
+  _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline"))
+  result = json.loads((tmp_path / "result.json").read_text())
+  compact = result["compact_model"]
+  assert compact["bytes"] == (tmp_path / "model.ospk").stat().st_size
+  if method == "optg":  # 90 % of the kernels pruned
+    assert compact["bytes"] < 0.25 * compact["dense_bytes"]
+  infer = importlib.import_module("infer")  # examples/ is on sys.path (the job put it there)
+  capsys.readouterr()
+  assert infer.main(["--workdir", str(tmp_path), "--data-dir", data_dir]) == 0
+  out = capsys.readouterr().out
+  assert f"test accuracy {100 * result['test_accuracy']:.2f}%" in out
+  assert "compact file" in out and "dense checkpoint" in out
+  sparse = infer.evaluate(tmp_path, sparse=True, data_dir=data_dir)
+  assert abs(sparse["test_accuracy"] - result["test_accuracy"]) <= 0.01
+  data = bytearray((tmp_path / "model.ospk").read_bytes())
+  (tmp_path / "model.ospk").write_bytes(bytes(data[:-10]))
+  assert infer.main(["--workdir", str(tmp_path), "--data-dir", data_dir]) == 2
+  assert "checksum" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method,constant", [("signed_supermask", 3.0),
                                              ("edge_popup", 2.0)])
 def test_supermask_methods_keep_their_constant_weights_frozen_in_the_job(method, constant,
