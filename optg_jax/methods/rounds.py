@@ -238,7 +238,7 @@ def rounds(
 
   Raises:
     ValueError: a bad round length or count, a per-boundary sequence of the wrong length, or a
-      rewind step not inside round 0.
+      rewind step not inside round 0; at ``init``, an ``inner`` holding a sparsity method.
   """
   lengths = _lengths(steps_per_round, num_rounds)
   if isinstance(rewind_step, bool) or not isinstance(rewind_step, (int, np.integer)) \
@@ -258,7 +258,11 @@ def rounds(
     aux = None if init_aux is None else init_aux(params, prunable)
     zero = jnp.zeros((), jnp.int32)
     snapshot = params if config.has_snapshot else None
-    return RoundsState(zero, zero, zero, masks, snapshot, inner.init(params), aux, zero,
+    inner_state = inner.init(params)
+    if base.has_state(inner_state):
+      raise ValueError("rounds: inner holds a sparsity method of its own; it must be the "
+                       "weights' optimizer only (the rounds state is the one method state)")
+    return RoundsState(zero, zero, zero, masks, snapshot, inner_state, aux, zero,
                        Static(config))
 
   def update_fn(grads, state, params=None):
