@@ -218,3 +218,15 @@ def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     og.rounds(inner_sgd(), args.pop("steps_per_round"), args.pop("num_rounds"), halve_masks,
               **args)
+
+
+def test_resume_from_host_copies_mid_round_is_bitwise():
+  """A checkpoint is the state's arrays: restoring numpy copies just before a boundary and
+  running on ends where the uninterrupted run does."""
+  tx = imp_like(k=2)
+  trace = run_loop(tx, 10)
+  params, opt_state, extra, saved, _ = jax.tree.map(np.asarray, trace[7])
+  step = make_step(tx)
+  for t in range(7, 10):
+    params, opt_state, extra, saved, _ = step(params, opt_state, extra, saved, t)
+  assert bitwise_equal((params, opt_state, extra, saved), trace[10][:4])
