@@ -19,12 +19,15 @@ from optg_jax.methods.base import register_state
 from optg_jax.methods.base import with_masks
 from optg_jax.methods.edge_popup import edge_popup
 from optg_jax.methods.gmp import gmp
+from optg_jax.methods.lottery import lottery_ticket
 from optg_jax.methods.magnitude import magnitude
 from optg_jax.methods.optg import mask_optimizer
 from optg_jax.methods.optg import optg
 from optg_jax.methods.pruner import scored_pruner
 from optg_jax.methods.random_pruning import random_pruning
 from optg_jax.methods.rst import rst
+from optg_jax.methods.rounds import rounds
+from optg_jax.methods.rounds import sync_rewind
 from optg_jax.methods.scores import trainable_scores
 from optg_jax.methods.selection import Selection
 from optg_jax.methods.signed_supermask import signed_supermask
@@ -44,6 +47,7 @@ __all__ = (
     "gmp",
     "has_state",
     "initializers",
+    "lottery_ticket",
     "magnitude",
     "mask_optimizer",
     "masks",
@@ -54,12 +58,14 @@ __all__ = (
     "random_pruning",
     "register_state",
     "rst",
+    "rounds",
     "schedules",
     "scored_pruner",
     "select",
     "signed_supermask",
     "snip",
     "sparsity_summary",
+    "sync_rewind",
     "trainable_scores",
     "with_masks",
 )

@@ -7,11 +7,13 @@ of :mod:`optg_jax.methods.base`."""
 from optg_jax.methods import base
 from optg_jax.methods import edge_popup
 from optg_jax.methods import gmp
+from optg_jax.methods import lottery
 from optg_jax.methods import magnitude
 from optg_jax.methods import optg
 from optg_jax.methods import pruner
 from optg_jax.methods import random_pruning
 from optg_jax.methods import rst
+from optg_jax.methods import rounds
 from optg_jax.methods import scores
 from optg_jax.methods import selection
 from optg_jax.methods import signed_supermask
