@@ -17,6 +17,7 @@ from optg_jax.methods.base import get_masks
 from optg_jax.methods.base import has_state
 from optg_jax.methods.base import register_state
 from optg_jax.methods.base import with_masks
+from optg_jax.methods.continuous_sparsification import continuous_sparsification
 from optg_jax.methods.edge_popup import edge_popup
 from optg_jax.methods.gmp import gmp
 from optg_jax.methods.lottery import lottery_ticket
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Selection",
     "apply_masks",
+    "continuous_sparsification",
     "distributions",
     "edge_popup",
     "effective_params",

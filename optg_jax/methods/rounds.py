@@ -70,6 +70,8 @@ class RoundsConfig:
     masks_view: ``state -> bool masks`` for ``og.get_masks`` (``None``: the support of masks).
     final_fn: ``(state, params, sparsity) -> bool masks`` for ``og.final_masks`` (``None``: the
       current masks).
+    mask_values: ``(state, bool masks) -> masks`` for ``og.with_masks``: the multipliers the
+      forward pass uses for given bool masks (``None``: the bool masks themselves).
   """
   lengths: tuple[int, ...]
   rewind_step: int
@@ -79,6 +81,7 @@ class RoundsConfig:
   mask_updates: bool = True
   masks_view: Callable[[Any], PyTree] | None = None
   final_fn: Callable[[Any, PyTree, float | None], PyTree] | None = None
+  mask_values: Callable[[Any, PyTree], PyTree] | None = None
 
   @property
   def has_snapshot(self) -> bool:
@@ -131,7 +134,13 @@ def _final_masks(state: RoundsState, params: PyTree, sparsity: float | None) -> 
   return _masks_view(state)
 
 
-base.register_state(RoundsState, masks=_masks_view, final_masks=_final_masks)
+def _with_masks(state: RoundsState, masks: PyTree) -> RoundsState:
+  values = state.config.value.mask_values
+  return state._replace(masks=masks if values is None else values(state, masks))
+
+
+base.register_state(RoundsState, masks=_masks_view, final_masks=_final_masks,
+                    with_masks=_with_masks)
 
 
 def per_boundary(value: Any, n: int, name: str) -> tuple:
@@ -177,13 +186,13 @@ def set_counts(inner_state: optax.OptState, value: Any) -> optax.OptState:
   return jax.tree.map(reset, inner_state, is_leaf=is_counted)
 
 
-def _mask_grads(grads: PyTree, state: RoundsState, params: PyTree):
+def mask_grads(grads: PyTree, state: RoundsState, params: PyTree):
   """The default step: ``G ⊙ M`` down the chain, masks and aux unchanged."""
   del params
   return base.masked(grads, state.masks), state.masks, state.aux
 
 
-def _pick(flag: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+def pick(flag: jax.Array, a: PyTree, b: PyTree) -> PyTree:
   """``a`` where the scalar ``flag`` holds, else ``b`` (same structures)."""
   return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
@@ -205,6 +214,7 @@ def rounds(
     step_fn: StepFn | None = None,
     masks_view: Callable[[RoundsState], PyTree] | None = None,
     final_masks: Callable[[RoundsState, PyTree, float | None], PyTree] | None = None,
+    mask_values: Callable[[RoundsState, PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformation:
   """Trains with ``inner`` in ``num_rounds`` rounds, with new masks (and maybe a rewind) between.
 
@@ -232,6 +242,8 @@ def rounds(
     masks_view: ``state -> bool masks`` for ``og.get_masks`` (default the support of ``masks``).
     final_masks: ``(state, params, sparsity) -> bool masks`` for ``og.final_masks`` (default the
       current masks).
+    mask_values: ``(state, bool masks) -> masks`` the forward pass multiplies with, for
+      ``og.with_masks`` (default the bool masks; CS's ticket scales them by ``1/σ(s0)``).
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`RoundsState`.
@@ -249,8 +261,9 @@ def rounds(
   schedule_step = rewind_step if schedule_step == "rewind" else schedule_step
   config = RoundsConfig(lengths, int(rewind_step), per_boundary(rewind, n, "rewind"),
                         per_boundary(reset_inner, n, "reset_inner"),
-                        _schedule_steps(schedule_step, n), mask_updates, masks_view, final_masks)
-  step = step_fn or _mask_grads
+                        _schedule_steps(schedule_step, n), mask_updates, masks_view, final_masks,
+                        mask_values)
+  step = step_fn or mask_grads
 
   def init_fn(params):
     prunable = selection.prunable(params)
@@ -286,7 +299,7 @@ def rounds(
     if not config.has_snapshot:
       return None
     take = (state.round == 0) & (state.round_step == config.rewind_step)
-    return _pick(take, params, state.snapshot)
+    return pick(take, params, state.snapshot)
 
   def _boundary(state, params, updates):
     """The last update of a round: next masks, maybe the rewind, the inner state's reset."""
@@ -295,16 +308,16 @@ def rounds(
     masks, aux = next_masks(end, state.masks, r, state.aux)
     if config.has_snapshot:
       back = jnp.asarray(config.rewind)[r]
-      start = _pick(back, state.snapshot, end)
+      start = pick(back, state.snapshot, end)
       rewind_updates = jax.tree.map(lambda s, p, u: (s - p).astype(jnp.result_type(u)),
                                     state.snapshot, params, updates)
-      updates = _pick(back, rewind_updates, updates)
+      updates = pick(back, rewind_updates, updates)
       event = jnp.where(back, REWOUND, BOUNDARY).astype(jnp.int32)
     else:
       start, event = end, jnp.int32(BOUNDARY)
-    inner_state = _pick(jnp.asarray(config.reset_inner)[r], inner.init(start), state.inner_state)
+    inner_state = pick(jnp.asarray(config.reset_inner)[r], inner.init(start), state.inner_state)
     sched = jnp.asarray(config.schedule_step, jnp.int32)[r]
-    inner_state = _pick(sched >= 0, set_counts(inner_state, sched), inner_state)
+    inner_state = pick(sched >= 0, set_counts(inner_state, sched), inner_state)
     moved = state._replace(masks=masks, aux=aux, inner_state=inner_state)
     return updates, _advance(moved, jnp.bool_(True), event, jnp.int32(0))
 
@@ -361,10 +374,10 @@ def sync_rewind(params: PyTree, opt_state: Any, extra: PyTree = None,
     return params, extra, saved
   rewound = state.event == REWOUND
   if state.snapshot is not None:
-    params = _pick(rewound, state.snapshot, params)
+    params = pick(rewound, state.snapshot, params)
   if extra is None:
     return params, extra, saved
   saved = extra if saved is None else saved
   at_k = ((state.round == 0) & (state.round_step == state.config.value.rewind_step)
           & ~rewound)
-  return params, _pick(rewound, saved, extra), _pick(at_k, extra, saved)
+  return params, pick(rewound, saved, extra), pick(at_k, extra, saved)
