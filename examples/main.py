@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
     if cfg.method == "optg":
       ramp = cfg.method_options.get("ramp", "reference")
       settings += f", {og.methods.optg.resolve_ramp(ramp, cfg.epochs)} ramp (ramp={ramp!r})"
-    print(f"{cfg.method} {cfg.model} on {cfg.dataset}: {settings}, {cfg.epochs} epochs, batch "
+    print(f"{cfg.method} {cfg.model} on {cfg.dataset}: {settings}, {_budget(cfg)}, batch "
           f"{cfg.batch_size}, {_devices(cfg.batch_size)}", flush=True)
     done = train.train_and_evaluate(cfg, workdir, data_dir=args.data_dir,
                                     stop_after=args.stop_after)
@@ -178,6 +178,25 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
   print(f"\n{time.perf_counter() - start:.0f} s; checkpoints, metrics.jsonl, summary and plots "
         f"in {workdir}")
   return 0
+
+
+def _budget(cfg: train.Config) -> str:
+  """``40 epochs``, or for methods with rounds how the run's epochs are made up."""
+  with train.as_usage_errors():
+    total = train.total_epochs(cfg)
+  options = cfg.method_options
+  if cfg.method == "lottery_ticket":
+    rate = options.get("rate", 0.2)
+    levels = options.get("levels") or recipes.lottery_levels(cfg.sparsity, rate)
+    return (f"{levels} IMP levels reaching sparsity {1 - (1 - rate) ** levels:.4f} ({cfg.epochs} "
+            f"epochs each, rewound to epoch {options.get('rewind_epoch', 0)}): {total} epochs")
+  if cfg.method == "continuous_sparsification":
+    return (f"{options.get('num_rounds', 3)} search rounds of {cfg.epochs} epochs and the ticket "
+            f"(no sparsity target: s0 {options.get('s0', 0.0)}, penalty "
+            f"{options.get('penalty', 1e-8)} steer it): {total} epochs")
+  if cfg.method == "rst":
+    return f"{total - cfg.epochs} epochs of extrusion and {cfg.epochs} of finetuning"
+  return f"{total} epochs"
 
 
 def _devices(batch_size: int) -> str:

@@ -81,6 +81,7 @@ class Setup(NamedTuple):
   train_it: data.BatchIterator
   test_it: data.BatchIterator
   sample: np.ndarray
+  epochs: int  # of the whole run (rounds included)
 
 
 def _split(name: str, n: int | None) -> str:
@@ -117,14 +118,23 @@ def build(cfg: Config, data_dir: str | None) -> Setup:
         cfg.method, cfg.sparsity, steps_per_epoch=spe, epochs=cfg.epochs, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, warmup_epochs=cfg.warmup_epochs,
         seed=cfg.seed, **cfg.method_options)
+    epochs = total_epochs(cfg)
     train_it = data.load(cfg.dataset, train_split, batch_size=cfg.batch_size, seed=cfg.seed,
                          data_dir=data_dir, cache=cache)
     test_it = data.load(cfg.dataset, test_split, batch_size=cfg.batch_size, shuffle=False,
                         augment=False, num_epochs=1, drop_remainder=False, data_dir=data_dir,
                         cache=cache)
   lr = recipes.warmup_cosine_per_epoch(cfg.lr, spe, cfg.epochs, cfg.warmup_epochs)
+  if recipes.get_recipe(cfg.method).builds_chain:
+    lr = None  # the method's rounds or phases drive the schedule
   sample = train_it.dataset[0]["image"][:1]
-  return Setup(model, tx, spe, lr, train_it, test_it, sample)
+  return Setup(model, tx, spe, lr, train_it, test_it, sample, epochs)
+
+
+def total_epochs(cfg: Config) -> int:
+  """Epochs of the whole run: ``cfg.epochs``, or for methods with rounds (lottery tickets,
+  Continuous Sparsification, RST) ``cfg.epochs`` per round as their recipe counts them."""
+  return recipes.total_epochs(cfg.method, cfg.sparsity, cfg.epochs, **cfg.method_options)
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any] | None:
@@ -172,13 +182,13 @@ def train_run(cfg: Config, workdir: pathlib.Path, *, data_dir: str | None = None
         training.make_train_step(setup.model, setup.tx, cfg.label_smoothing), mesh,
         donate_state=True)
     evaluate = parallel.data_parallel(training.make_eval_step(setup.model), mesh)
-    last = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
+    last = setup.epochs if stop_after is None else min(stop_after, setup.epochs)
     ckpt, records = _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path,
                             elapsed, last, label or cfg.method)
   finally:
     mngr.wait_until_finished()
     mngr.close()
-  if int(ckpt.epoch) < cfg.epochs:
+  if int(ckpt.epoch) < setup.epochs:
     return None
   return _finish(cfg, setup, ckpt.state, records, evaluate, workdir)
 
@@ -198,14 +208,16 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
   with bar:
     for epoch in range(first + 1, last + 1):
       tic = time.perf_counter()
-      bar.set_description(f"{label} epoch {epoch}/{cfg.epochs}")
+      phase = training.phase_of(state.opt_state)  # of the epoch's first step
+      bar.set_description(f"{label} epoch {epoch}/{setup.epochs}{_where(phase)}")
       state, loss, masks = training.run_epoch(step, state, setup.train_it, spe, on_step)
       accuracy = _test_accuracy(setup, evaluate, training.with_masks_in_use(state, masks),
                                 cfg.batch_size)
       seconds = elapsed + time.perf_counter() - start
       record = {"epoch": epoch, "step": epoch * spe, "loss": float(loss),
                 "test_accuracy": accuracy, "sparsity": training.sparsity_of(masks),
-                "lr": float(setup.lr((epoch - 1) * spe)), "seconds": round(seconds, 3)}
+                "lr": None if setup.lr is None else float(setup.lr((epoch - 1) * spe)),
+                "seconds": round(seconds, 3), **phase}
       ckpt = ckpt._replace(state=state, epoch=jnp.asarray(epoch, jnp.int32),
                            step=jnp.asarray(epoch * spe, jnp.int32))
       checkpoint.save(mngr, ckpt, iterator=setup.train_it,
@@ -216,10 +228,20 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
       bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{accuracy:.4f}",
                       sparsity=f"{record['sparsity']:.4f}")
       if bar.disable:
-        print(f"{label} epoch {epoch}/{cfg.epochs}  loss {record['loss']:.4f}  test acc "
-              f"{accuracy:.4f}  sparsity {record['sparsity']:.4f}  lr {record['lr']:.4f}  "
+        lr = "" if record["lr"] is None else f"  lr {record['lr']:.4f}"
+        print(f"{label} epoch {epoch}/{setup.epochs}{_where(phase)}  loss {record['loss']:.4f}  "
+              f"test acc {accuracy:.4f}  sparsity {record['sparsity']:.4f}{lr}  "
               f"{spe / (time.perf_counter() - tic):.1f} steps/s", flush=True)
   return ckpt, records
+
+
+def _where(phase: dict[str, Any]) -> str:
+  """`` (round 2)``, `` (extrusion, cycle 1)`` or ``''``: the round or phase for the logs."""
+  if "round" in phase:
+    return f" (round {phase['round'] + 1})"
+  if "phase" in phase:
+    return f" ({phase['phase']}, cycle {phase['cycle'] + 1})"
+  return ""
 
 
 def _finish(cfg, setup, state, records, evaluate, workdir) -> Outcome:
@@ -304,9 +326,14 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
     inverted = float(og.methods.signed_supermask.inverted_fraction(outcome.state.opt_state))
     table += (f"\nweights remaining {1 - rep.sparsity:.2%} of the masked weights, of which "
               f"{inverted / max(1 - rep.sparsity, 1e-12):.2%} inverted ({inverted:.2%} of all)")
+  if cfg.method == "continuous_sparsification":
+    options = cfg.method_options
+    table += (f"\nContinuous Sparsification sets no target: its ticket [s > 0] reached sparsity "
+              f"{rep.sparsity:.2%} (s0 {options.get('s0', 0.0)}: higher is denser; penalty "
+              f"{options.get('penalty', 1e-8)}: higher is sparser)")
   dense_records = dense.records if dense is not None else report.read_jsonl(
       workdir / "dense" / "metrics.jsonl")
-  final = {"epoch": cfg.epochs, "test_accuracy": outcome.accuracy, "sparsity": rep.sparsity}
+  final = {"epoch": total_epochs(cfg), "test_accuracy": outcome.accuracy, "sparsity": rep.sparsity}
   try:
     report.plot_history(workdir / "accuracy_sparsity.png", outcome.records, label=cfg.method,
                         dense=dense_records, final=final)

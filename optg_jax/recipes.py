@@ -41,20 +41,33 @@ class RecipeBuilder(Protocol):
 
 
 class Recipe(NamedTuple):
-  """A registered method: its ``builder``; ``frozen_weights``: the method is the whole chain (it
-  trains masks over frozen weights: no weight decay or SGD follows it); ``init_params``:
-  ``(params, key, **options) -> params``, the weights the method needs (e.g. the signed
-  supermask's ELUS constants), or ``None`` to keep the model's init."""
+  """A registered method.
+
+  Attributes:
+    builder: see :class:`RecipeBuilder`.
+    frozen_weights: the method is the whole chain (it trains masks over frozen weights: no
+      weight decay or SGD follows it).
+    init_params: ``(params, key, **options) -> params``, the weights the method needs (e.g. the
+      signed supermask's ELUS constants), or ``None`` to keep the model's init.
+    builds_chain: the method owns the weights' optimizer (methods with rounds or phases): its
+      builder also gets ``weight_decay=`` and ``momentum=`` and returns the whole chain.
+    total_epochs: ``(sparsity, epochs, **options) -> epochs of the whole run`` for methods that
+      train in rounds or phases (``epochs`` is then the length of one round); ``None``:
+      ``epochs``.
+  """
   builder: RecipeBuilder
   frozen_weights: bool = False
   init_params: Callable[..., Any] | None = None
+  builds_chain: bool = False
+  total_epochs: Callable[..., int] | None = None
 
 
 _RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(name: str, builder: RecipeBuilder, *, frozen_weights: bool = False,
-                    init_params: Callable[..., Any] | None = None) -> RecipeBuilder:
+                    init_params: Callable[..., Any] | None = None, builds_chain: bool = False,
+                    total_epochs: Callable[..., int] | None = None) -> RecipeBuilder:
   """Registers ``builder`` as the recipe of method ``name`` (replacing one of that name).
 
   Args:
@@ -62,12 +75,13 @@ def register_recipe(name: str, builder: RecipeBuilder, *, frozen_weights: bool =
     builder: see :class:`RecipeBuilder`.
     frozen_weights: the method's transformation is the whole chain (see :class:`Recipe`).
     init_params: ``(params, key, **options) -> params`` re-initialising the weights.
+    builds_chain, total_epochs: see :class:`Recipe`.
   """
   if not isinstance(name, str) or not name:
     raise TypeError(f"name must be a non-empty string, got {name!r}")
   if not callable(builder):
     raise TypeError(f"builder of {name!r} must be callable, got {builder!r}")
-  _RECIPES[name] = Recipe(builder, frozen_weights, init_params)
+  _RECIPES[name] = Recipe(builder, frozen_weights, init_params, builds_chain, total_epochs)
   return builder
 
 
@@ -85,6 +99,15 @@ def get_recipe(name: str) -> Recipe:
   if name not in _RECIPES:
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(_RECIPES)}")
   return _RECIPES[name]
+
+
+def total_epochs(method: str, sparsity: float, epochs: int, **options: Any) -> int:
+  """Epochs of a whole run of ``method`` with rounds of ``epochs`` (``epochs`` for methods
+  without rounds)."""
+  recipe = get_recipe(method)
+  if recipe.total_epochs is None:
+    return epochs
+  return recipe.total_epochs(sparsity, epochs, **options)
 
 
 def init_params(method: str, params: Any, seed: int, **options: Any) -> Any:
@@ -146,9 +169,10 @@ def make_optimizer(
   """
   recipe = get_recipe(method)
   lr = warmup_cosine_per_epoch(learning_rate, steps_per_epoch, epochs, warmup_epochs)
+  chain = {"weight_decay": weight_decay, "momentum": momentum} if recipe.builds_chain else {}
   head = recipe.builder(sparsity, learning_rate=lr, steps_per_epoch=steps_per_epoch,
-                        epochs=epochs, seed=seed, **method_kwargs)
-  if recipe.frozen_weights:
+                        epochs=epochs, seed=seed, **chain, **method_kwargs)
+  if recipe.frozen_weights or recipe.builds_chain:
     return head
   return optax.chain(head, optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum))
 
@@ -226,3 +250,91 @@ def _edge_popup_weights(params, key, *, weights="signed_constant", fan_scale=1.0
 
 register_recipe("signed_supermask", _signed_supermask, frozen_weights=True, init_params=_elus)
 register_recipe("edge_popup", _edge_popup, frozen_weights=True, init_params=_edge_popup_weights)
+
+
+def _weights_sgd(learning_rate, weight_decay, momentum, nesterov=False):
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum, nesterov=nesterov))
+
+
+def lottery_levels(sparsity: float, rate: float = 0.2) -> int:
+  """The fewest IMP levels whose sparsity ``1 − (1 − rate)^L`` reaches ``sparsity``."""
+  levels = 0
+  while 1.0 - (1.0 - rate) ** levels < sparsity - 1e-12:
+    levels += 1
+  return levels
+
+
+def _lottery(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, weight_decay, momentum,
+             rewind_epoch=0, rate=0.2, levels=None, **options):
+  """IMP with rewinding: ``levels`` (default: the fewest reaching ``sparsity``) prunings of
+  ``rate`` of the survivors, each level a training of ``epochs`` (from ``rewind_epoch`` after a
+  rewind) on the job's schedule resumed at the rewind step."""
+  del seed
+  levels = lottery_levels(sparsity, rate) if levels is None else levels
+  return og.lottery_ticket(levels, epochs * steps_per_epoch,
+                           _weights_sgd(learning_rate, weight_decay, momentum),
+                           rewind_step=rewind_epoch * steps_per_epoch, rate=rate, **options)
+
+
+def _lottery_epochs(sparsity, epochs, *, rewind_epoch=0, rate=0.2, levels=None, **unused):
+  del unused
+  levels = lottery_levels(sparsity, rate) if levels is None else levels
+  return og.methods.lottery.total_steps(levels, epochs, rewind_epoch)
+
+
+def _continuous_sparsification(sparsity, *, learning_rate, steps_per_epoch, epochs, seed,
+                               weight_decay, momentum, layers="reference", rewind_epoch=2,
+                               **options):
+  """Savarese et al.'s config: weights and logits on SGD with Nesterov momentum on the job's
+  schedule, restarted each round; ``layers='reference'`` masks spatial convs, ``'all'`` every
+  kernel (models without convs); ``rewind_epoch`` is clipped to ``E − 1`` for rounds shorter
+  than 3 epochs. No sparsity target (``sparsity`` is not used)."""
+  del sparsity, seed
+  if layers not in ("reference", "all"):
+    raise ValueError(f"layers must be 'reference' or 'all', got {layers!r}")
+  filter_fn = og.methods.continuous_sparsification.spatial_convs if layers == "reference" else None
+  return og.continuous_sparsification(
+      _weights_sgd(learning_rate, weight_decay, momentum, nesterov=True), steps_per_epoch, epochs,
+      logit_optimizer=optax.sgd(learning_rate, momentum, nesterov=True), filter_fn=filter_fn,
+      rewind_epoch=min(rewind_epoch, epochs - 1), **options)
+
+
+def _cs_epochs(sparsity, epochs, *, num_rounds=3, ticket=True, ticket_epochs=None,
+               **unused):
+  del sparsity, unused
+  return og.methods.continuous_sparsification.total_epochs(epochs, num_rounds, ticket,
+                                                           ticket_epochs)
+
+
+def _rst_extrusion_epochs(epochs: int, extrusion_epochs: int | None) -> int:
+  return max(1, -(-epochs // 2)) if extrusion_epochs is None else extrusion_epochs
+
+
+def _rst(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, weight_decay, momentum,
+         extrusion_epochs=None, extrusion_lr=1e-3, upper_limit=1.0, **options):
+  """Bai et al.'s RST fitted to the budget: ``extrusion_epochs`` (default ``ceil(E/2)``) of
+  extrusion at ``extrusion_lr``, ``λ`` rising every step to ``upper_limit`` over the first half
+  and held for the second (the reference: ``η = 1e-4`` every 5 steps, 90,001 steps), then the
+  mask and ``E`` epochs of finetuning on the job's schedule."""
+  steps = _rst_extrusion_epochs(epochs, extrusion_epochs) * steps_per_epoch
+  cycles = options.pop("cycles", 1)
+  per_cycle = steps // cycles
+  ramp = max(per_cycle // 2, 1)
+  granularity = upper_limit / (ramp - 0.5)
+  head = og.rst(sparsity, cycles=cycles, seed=seed, granularity=granularity, interval=1,
+                upper_limit=upper_limit, stabilize=per_cycle - ramp, **options)
+  extruded = cycles * per_cycle
+  lr = optax.join_schedules([optax.constant_schedule(extrusion_lr), learning_rate], [extruded])
+  return optax.chain(head, _weights_sgd(lr, weight_decay, momentum))
+
+
+def _rst_epochs(sparsity, epochs, *, extrusion_epochs=None, **unused):
+  del sparsity, unused
+  return epochs + _rst_extrusion_epochs(epochs, extrusion_epochs)
+
+
+register_recipe("lottery_ticket", _lottery, builds_chain=True, total_epochs=_lottery_epochs)
+register_recipe("continuous_sparsification", _continuous_sparsification, builds_chain=True,
+                total_epochs=_cs_epochs)
+register_recipe("rst", _rst, builds_chain=True, total_epochs=_rst_epochs)

@@ -67,16 +67,32 @@ def final_state(state: TrainState, sparsity: float | None = None) -> TrainState:
   return with_masks_in_use(state, og.final_masks(state.params, state.opt_state, sparsity))
 
 
+def phase_of(opt_state: Any) -> dict[str, Any]:
+  """Where a method with rounds or phases is (host values, for logs): ``{'round': r}`` for
+  ``og.rounds`` methods (0-based), ``{'phase': ..., 'cycle': c}`` for RST, ``{}`` otherwise."""
+  if not has_method(opt_state):
+    return {}
+  state = og.methods.base.find_state(opt_state)
+  if isinstance(state, og.methods.rounds.RoundsState):
+    return {"round": int(state.round)}
+  if isinstance(state, og.methods.rst.RSTState):
+    return og.methods.rst.phase(state)
+  return {}
+
+
 def sparsity_of(masks: PyTree | None) -> float:
   """The sparsity of the prunable leaves of ``masks`` (0 for ``None``, a dense chain)."""
   return 0.0 if masks is None else float(og.sparsity_summary(masks).sparsity)
 
 
 class TrainState(NamedTuple):
-  """What a step carries: ``params``, ``batch_stats`` (``{}`` without BatchNorm), ``opt_state``."""
+  """What a step carries: ``params``, ``batch_stats`` (``{}`` without BatchNorm), ``opt_state``,
+  and ``rewind_stats``: the ``batch_stats`` that methods with rewinding (``og.rounds``) restore
+  with the weights (see :func:`optg_jax.sync_rewind`; a copy of ``batch_stats`` at init)."""
   params: PyTree
   batch_stats: PyTree
   opt_state: Any
+  rewind_stats: PyTree = None
 
 
 def init(model: nn.Module, tx: optax.GradientTransformation, sample: np.ndarray,
@@ -88,7 +104,8 @@ def init(model: nn.Module, tx: optax.GradientTransformation, sample: np.ndarray,
   """
   variables = model.init(jax.random.key(seed), sample, train=False)
   params = variables["params"] if init_params is None else init_params(variables["params"])
-  return TrainState(params, variables.get("batch_stats", {}), tx.init(params))
+  batch_stats = variables.get("batch_stats", {})
+  return TrainState(params, batch_stats, tx.init(params), batch_stats)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -107,7 +124,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         w_eff, state.batch_stats, images, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), loss
+    params, batch_stats, saved = og.sync_rewind(optax.apply_updates(state.params, updates),
+                                                opt_state, batch_stats, state.rewind_stats)
+    return TrainState(params, batch_stats, opt_state, saved), loss
 
   return step
 

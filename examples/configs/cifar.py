@@ -23,8 +23,11 @@ def get_config(model: str = "resnet20") -> default.Config:
       model=model, dataset="cifar10", epochs=160, batch_size=256, lr=0.1, weight_decay=5e-4,
       label_smoothing=0.0)
   if model.startswith("conv"):
-    return cfg
+    return cfg.replace(methods={**cfg.methods, "continuous_sparsification": {
+        **cfg.methods["continuous_sparsification"], "layers": "reference"}})
   methods = dict(cfg.methods)
+  methods["continuous_sparsification"] = {**methods["continuous_sparsification"],
+                                          "layers": "reference"}  # 3×3 convs, as the code
   model_options = {"signed_supermask": {}, "edge_popup": {}}  # no ELU / bias switches here
   if model in _SIGNED_RESNET:
     methods["signed_supermask"] = {**_SIGNED_RESNET[model], "exponential_decay": False}

@@ -31,6 +31,17 @@ METHODS: Mapping[str, Mapping[str, Any]] = {
     # Ramanujan et al.'s Conv2-8 config: scores on SGD 0.9, wd 1e-4, per-epoch cosine from 0.1,
     # over signed Kaiming constant weights.
     "edge_popup": {"score_lr": 0.1, "score_decay": 1e-4, "weights": "signed_constant"},
+    # The methods with rounds or phases: ``epochs`` is one round (one level of IMP, one search
+    # round of CS, RST's finetuning), the job runs ``recipes.total_epochs`` in all.
+    # IMP: the fewest levels of 20 % reaching ``sparsity``, rewound to the init (the original
+    # LTH; deep nets rewind to an early epoch, e.g. ``rewind_epoch=2``).
+    "lottery_ticket": {"rewind_epoch": 0, "rate": 0.2},
+    # Savarese et al.: 3 search rounds and the ticket, λ = 1e-8, β_T = 200, s0 = 0, rewind to
+    # epoch 2; every kernel of the MLP (the reference masks 3×3 convs: ``layers='reference'``).
+    "continuous_sparsification": {"num_rounds": 3, "penalty": 1e-8, "final_temperature": 200.0,
+                                  "s0": 0.0, "rewind_epoch": 2, "layers": "all"},
+    # Bai et al.: a random subnetwork per layer, ceil(E/2) epochs of extrusion at lr 1e-3.
+    "rst": {"pick": "random", "extrusion_lr": 1e-3},
 }
 
 # Model options per method: the papers' variants of a model (``models.get_model(**options)``).

@@ -5,6 +5,7 @@ score of the weights), :func:`~optg_jax.methods.scores.trainable_scores` (superm
 of :mod:`optg_jax.methods.base`."""
 
 from optg_jax.methods import base
+from optg_jax.methods import continuous_sparsification
 from optg_jax.methods import edge_popup
 from optg_jax.methods import gmp
 from optg_jax.methods import lottery

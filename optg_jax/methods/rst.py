@@ -28,6 +28,7 @@ from optg_jax import _checks
 from optg_jax import masks as masks_lib
 from optg_jax.methods import _trees
 from optg_jax.methods import base
+from optg_jax.methods.scores import Static
 from optg_jax.methods.selection import Selection
 
 PyTree = Any
@@ -42,13 +43,15 @@ class RSTState(NamedTuple):
       ``n`` are removed when ``n`` are); ``None`` elsewhere.
     removed: int32 ``(cycles,)`` per prunable leaf: the weights removed after each cycle.
     masks: bool masks of the next forward pass: all-keep while extruding, the subnetwork after.
-    target: the sparsity asked for (static).
+    target: the sparsity asked for.
+    timing: the run's :class:`Phases` (static, in a ``Static``).
   """
   count: jax.Array
   rank: PyTree
   removed: PyTree
   masks: PyTree
   target: float
+  timing: Static
 
 
 def _final_masks(state: RSTState, params: PyTree, sparsity: float | None) -> PyTree:
@@ -154,7 +157,7 @@ def rst(
     ranks = [_rank(k, p, pick) for k, p in zip(keys, leaves)]
     rank = _trees.only_prunable(prunable, jax.tree.unflatten(treedef, ranks))
     return RSTState(jnp.zeros((), jnp.int32), rank, removed,
-                    masks_lib.all_keep(params, prunable), target)
+                    masks_lib.all_keep(params, prunable), target, Static(timing))
 
   def update_fn(grads, state, params=None):
     _trees.require_params(params, "rst")
@@ -185,6 +188,15 @@ def _rank(key: jax.Array, leaf: Any, pick: str) -> jax.Array:
     order = jnp.argsort(jnp.abs(jnp.ravel(leaf)), stable=True)
   return jnp.zeros(size, jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32)).reshape(
       np.shape(leaf))
+
+
+def phase(state: RSTState) -> dict[str, Any]:
+  """Where the run is: ``{'phase': 'extrusion' | 'finetune', 'cycle': c}`` (0-based cycle)."""
+  timing = state.timing.value
+  extruding = int(state.count) < timing.extrusion_steps
+  cycle = min(int(state.count) // timing.cycle_steps, timing.extrusion_steps //
+              timing.cycle_steps - 1)
+  return {"phase": "extrusion" if extruding else "finetune", "cycle": cycle}
 
 
 def _subnetwork(state: RSTState, params: PyTree) -> PyTree:
