@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import optg_jax
+from optg_jax.methods import lottery as og_lottery
 from optg_jax import models
 from optg_jax import parallel
 from optg_jax import training
@@ -51,6 +52,12 @@ EIGHT_DEVICES = textwrap.dedent("""
     one, acc1 = run(parallel.local_mesh(devices=jax.devices()[:1]))
     eight, acc8 = run(parallel.local_mesh(32))
     masks1, masks8 = og.get_masks(one.opt_state), og.get_masks(eight.opt_state)
+    # A method with rounds: IMP, 2 levels of 3 steps rewound to step 1 (7 steps of the 8).
+    tx = og.lottery_ticket(2, 3, optax.sgd(0.05, momentum=0.9), rewind_step=1)
+    initial = training.init(model, tx, images[0, :1], seed=0)
+    imp1, _ = run(parallel.local_mesh(devices=jax.devices()[:1]))
+    imp8, _ = run(parallel.local_mesh(32))
+    imp_masks1, imp_masks8 = og.get_masks(imp1.opt_state), og.get_masks(imp8.opt_state)
 
     def shards_agree(x):
       return all(np.array_equal(s.data, x.addressable_shards[0].data) for s in x.addressable_shards)
@@ -68,6 +75,11 @@ EIGHT_DEVICES = textwrap.dedent("""
         "masks_equal": all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks1),
                                                                 jax.tree.leaves(masks8))),
         "sparsity": float(og.sparsity_summary(masks8).sparsity),
+        "imp_masks_equal": all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(imp_masks1), jax.tree.leaves(imp_masks8))),
+        "imp_kept": int(og.sparsity_summary(imp_masks8).kept),
+        "imp_params_allclose": all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(
+            jax.tree.leaves(imp1.params), jax.tree.leaves(imp8.params))),
         "params_max_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                                for a, b in zip(jax.tree.leaves(one.params),
                                                jax.tree.leaves(eight.params))),
@@ -100,6 +112,13 @@ def test_eight_devices_give_the_masks_and_params_of_one(eight_devices):
   assert eight_devices["masks_equal"]
   assert eight_devices["sparsity"] == pytest.approx(0.9, abs=1e-6)
   assert eight_devices["params_allclose"], eight_devices["params_max_diff"]
+
+
+def test_eight_devices_give_the_masks_of_one_for_a_method_with_rounds(eight_devices):
+  """Lottery tickets (two prunings and rewinds in the 8 steps) on 1 and on 8 devices."""
+  assert eight_devices["imp_masks_equal"]
+  assert eight_devices["imp_kept"] == og_lottery.level_keep_counts(266_200, 2)[-1]
+  assert eight_devices["imp_params_allclose"]
 
 
 def test_state_is_replicated_and_identical_on_every_device(eight_devices):
