@@ -311,20 +311,41 @@ def _rst_extrusion_epochs(epochs: int, extrusion_epochs: int | None) -> int:
   return max(1, -(-epochs // 2)) if extrusion_epochs is None else extrusion_epochs
 
 
-def _rst(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, weight_decay, momentum,
-         extrusion_epochs=None, extrusion_lr=1e-3, upper_limit=1.0, **options):
-  """Bai et al.'s RST fitted to the budget: ``extrusion_epochs`` (default ``ceil(E/2)``) of
-  extrusion at ``extrusion_lr``, ``λ`` rising every step to ``upper_limit`` over the first half
-  and held for the second (the reference: ``η = 1e-4`` every 5 steps, 90,001 steps), then the
-  mask and ``E`` epochs of finetuning on the job's schedule."""
-  steps = _rst_extrusion_epochs(epochs, extrusion_epochs) * steps_per_epoch
-  cycles = options.pop("cycles", 1)
+def rst_extrusion(steps: int, *, cycles: int = 1, extrusion_lr: float = 1e-3,
+                  extrusion_dose: float | str | None = "reference",
+                  upper_limit: float = 1.0) -> dict[str, Any]:
+  """``og.rst``'s extrusion fitted into ``steps``: per cycle, ``λ`` rises every step over the
+  first half and is held for the second (``granularity``, ``interval``, ``upper_limit``,
+  ``stabilize``).
+
+  ``extrusion_dose``: ``'reference'`` scales ``λ`` so that ``Σ_t lr·λ_t`` per cycle equals the
+  reference's 65.0 (``λ += 1e-4`` every 5 steps to 1, held 40,000 steps, at lr 1e-3;
+  :func:`optg_jax.methods.rst.extrusion_dose`): the weights to remove shrink by about
+  ``e^−65`` in any budget, where a limit of 1 over a few hundred steps leaves them at ~80 % of
+  their size. A number sets the dose; ``None`` keeps ``λ`` rising to ``upper_limit``.
+  """
   per_cycle = steps // cycles
   ramp = max(per_cycle // 2, 1)
-  granularity = upper_limit / (ramp - 0.5)
-  head = og.rst(sparsity, cycles=cycles, seed=seed, granularity=granularity, interval=1,
-                upper_limit=upper_limit, stabilize=per_cycle - ramp, **options)
-  extruded = cycles * per_cycle
+  if extrusion_dose is not None:
+    dose = (og.methods.rst.extrusion_dose(1e-3) if extrusion_dose == "reference"
+            else float(extrusion_dose))
+    per_unit = ramp * (ramp + 1) / 2 + (per_cycle - ramp) * ramp  # Σ_t λ_t / η
+    upper_limit = dose / (extrusion_lr * per_unit) * (ramp - 0.5)
+  return {"granularity": upper_limit / (ramp - 0.5), "interval": 1, "upper_limit": upper_limit,
+          "stabilize": per_cycle - ramp}
+
+
+def _rst(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, weight_decay, momentum,
+         extrusion_epochs=None, extrusion_lr=1e-3, extrusion_dose="reference", upper_limit=1.0,
+         cycles=1, **options):
+  """Bai et al.'s RST fitted to the budget: ``extrusion_epochs`` (default ``ceil(E/2)``) of
+  extrusion at ``extrusion_lr`` (:func:`rst_extrusion`), then the mask and ``E`` epochs of
+  finetuning on the job's schedule."""
+  steps = _rst_extrusion_epochs(epochs, extrusion_epochs) * steps_per_epoch
+  timing = rst_extrusion(steps, cycles=cycles, extrusion_lr=extrusion_lr,
+                         extrusion_dose=extrusion_dose, upper_limit=upper_limit)
+  head = og.rst(sparsity, cycles=cycles, seed=seed, **timing, **options)
+  extruded = og.methods.rst.phases(cycles=cycles, **timing).extrusion_steps
   lr = optax.join_schedules([optax.constant_schedule(extrusion_lr), learning_rate], [extruded])
   return optax.chain(head, _weights_sgd(lr, weight_decay, momentum))
 

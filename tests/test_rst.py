@@ -12,6 +12,7 @@ import pytest
 import optg_jax as og
 
 import helpers
+from optg_jax import recipes
 from optg_jax.methods import rst as rst_lib
 
 
@@ -138,3 +139,25 @@ def test_final_masks_and_bad_input():
               dict(cycles=0)):
     with pytest.raises(ValueError):
       og.rst(0.7, **bad)
+
+
+def test_extrusion_dose_is_the_sum_of_lr_times_lambda():
+  for kwargs in ({}, dict(granularity=0.01, interval=1, upper_limit=1.0, stabilize=10),
+                 dict(granularity=0.03, interval=3, upper_limit=0.5, stabilize=7)):
+    timing = rst_lib.phases(**kwargs)
+    lam = [kwargs.get("granularity", 1e-4) * min(t // kwargs.get("interval", 5) + 1,
+                                                  timing.ramp_updates)
+           for t in range(timing.cycle_steps)]
+    assert rst_lib.extrusion_dose(2e-3, **kwargs) == pytest.approx(2e-3 * sum(lam), rel=1e-9)
+  assert rst_lib.extrusion_dose(1e-3) == pytest.approx(1e-7 * 650_075_001, rel=1e-12)
+
+
+@pytest.mark.parametrize("steps, cycles", [(400, 1), (97, 1), (500, 5)])
+def test_recipe_fits_the_reference_dose_into_the_budget(steps, cycles):
+  timing = recipes.rst_extrusion(steps, cycles=cycles, extrusion_lr=1e-3)
+  phases = rst_lib.phases(cycles=cycles, **timing)
+  assert phases.extrusion_steps == cycles * (steps // cycles) <= steps
+  assert phases.ramp_updates == (steps // cycles) // 2  # rising over the first half
+  assert rst_lib.extrusion_dose(1e-3, **timing) == pytest.approx(65.0075, rel=1e-6)
+  fixed = recipes.rst_extrusion(steps, cycles=cycles, extrusion_dose=None)
+  assert fixed["upper_limit"] == 1.0 and rst_lib.extrusion_dose(1e-3, **fixed) < 1.0

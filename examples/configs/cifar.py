@@ -18,16 +18,23 @@ _SIGNED_RESNET = {
 }
 
 
+def _round_methods(methods, model):
+  """CS masks the 3×3 convs (the code); RST keeps the stem conv and the classifier dense."""
+  stem = "^stem_conv/" if model.startswith("resnet") else "^conv1/"
+  return {**methods,
+          "continuous_sparsification": {**methods["continuous_sparsification"],
+                                        "layers": "reference"},
+          "rst": {**methods["rst"], "exclude": (stem, "^classifier/")}}
+
+
 def get_config(model: str = "resnet20") -> default.Config:
   cfg = default.get_config().replace(
       model=model, dataset="cifar10", epochs=160, batch_size=256, lr=0.1, weight_decay=5e-4,
       label_smoothing=0.0)
+  cfg = cfg.replace(methods=_round_methods(cfg.methods, model))
   if model.startswith("conv"):
-    return cfg.replace(methods={**cfg.methods, "continuous_sparsification": {
-        **cfg.methods["continuous_sparsification"], "layers": "reference"}})
+    return cfg
   methods = dict(cfg.methods)
-  methods["continuous_sparsification"] = {**methods["continuous_sparsification"],
-                                          "layers": "reference"}  # 3×3 convs, as the code
   model_options = {"signed_supermask": {}, "edge_popup": {}}  # no ELU / bias switches here
   if model in _SIGNED_RESNET:
     methods["signed_supermask"] = {**_SIGNED_RESNET[model], "exponential_decay": False}

@@ -40,8 +40,10 @@ METHODS: Mapping[str, Mapping[str, Any]] = {
     # epoch 2; every kernel of the MLP (the reference masks 3×3 convs: ``layers='reference'``).
     "continuous_sparsification": {"num_rounds": 3, "penalty": 1e-8, "final_temperature": 200.0,
                                   "s0": 0.0, "rewind_epoch": 2, "layers": "all"},
-    # Bai et al.: a random subnetwork per layer, ceil(E/2) epochs of extrusion at lr 1e-3.
-    "rst": {"pick": "random", "extrusion_lr": 1e-3},
+    # Bai et al.: a random subnetwork per layer (the classifier dense, as their pattern keeps
+    # it), ceil(E/2) epochs of extrusion at lr 1e-3 with the reference's dose Σ lr·λ = 65.
+    "rst": {"pick": "random", "extrusion_lr": 1e-3, "extrusion_dose": "reference",
+            "exclude": ("^classifier/",)},
 }
 
 # Model options per method: the papers' variants of a model (``models.get_model(**options)``).

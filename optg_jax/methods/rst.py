@@ -81,6 +81,19 @@ def phases(*, cycles: int = 1, granularity: float = 1e-4, interval: int = 5,
   return Phases(ramp, cycle, cycles * cycle)
 
 
+def extrusion_dose(learning_rate: float, *, granularity: float = 1e-4, interval: int = 5,
+                   upper_limit: float = 1.0, stabilize: int = 40_000) -> float:
+  """``Σ_t η_t·λ_t`` over one cycle at a constant learning rate: how far the extrusion shrinks
+  the weights to remove (plain SGD: ``W ← W·Π(1 − η λ_t) ≈ W·exp(−dose)``). The reference
+  (lr 1e-3, ``λ += 1e-4`` every 5 steps to 1, 40,000 steps held) gives 65.0."""
+  timing = phases(granularity=granularity, interval=interval, upper_limit=upper_limit,
+                  stabilize=stabilize)
+  ramp = timing.ramp_updates
+  rising = interval * (ramp - 1) * ramp / 2  # λ = η·n for `interval` steps, n = 1..ramp−1
+  held = (timing.cycle_steps - interval * (ramp - 1)) * ramp
+  return learning_rate * granularity * (rising + held)
+
+
 def removal_counts(size: int, sparsity: float, cycles: int, rule: str) -> list[int]:
   """Weights removed from a layer of ``size`` after each cycle ``c = 1..cycles`` at cumulative
   sparsity ``1 − (1 − p)^(c/cycles)``: ``min(ceil(p·N), N − 1)`` (``'reference'``) or
