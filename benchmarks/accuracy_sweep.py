@@ -180,27 +180,44 @@ def markdown(rows: Sequence[dict[str, Any]], epochs: int) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, epochs: int) -> bool:
-  """Accuracy against density (log axis), one line per method; ``False`` without matplotlib."""
+  """Accuracy against density (log axis, sparser to the right), one line per method with error
+  bars, the dense model as a dashed line; the whole range on the left, the top 12 points on the
+  right. ``False`` without matplotlib."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   except ImportError:
     return False
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for method in dict.fromkeys(r["method"] for r in rows):
-    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["sparsity_mean"])
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+  best = max(r["accuracy_mean"] for r in rows)
+  markers = "os^vDPX*<>"
+  for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity_mean"])
     density = [max(100 - r["sparsity_mean"], 1e-2) for r in mine]
-    ax.errorbar(density, [r["accuracy_mean"] for r in mine],
-                yerr=[r["accuracy_std"] for r in mine], marker="o", capsize=3, label=method)
-  ax.set_xscale("log")
-  ax.set_xlabel("density: weights kept (%), log scale")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"mnist5k, LeNet-300-100, {epochs} epochs")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+    acc, err = [r["accuracy_mean"] for r in mine], [r["accuracy_std"] for r in mine]
+    for ax in axes:
+      if len(mine) == 1 and mine[0]["sparsity_mean"] == 0:
+        ax.axhline(acc[0], color="black", linestyle="--", linewidth=1, label=f"{method} (100%)")
+      else:
+        ax.errorbar(density, acc, yerr=err, marker=markers[i % len(markers)], capsize=3,
+                    label=method)
+  for ax in axes:
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.xaxis.set_major_locator(ticker.FixedLocator([100, 50, 20, 10, 5, 2, 1]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}%"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("density: weights kept (log scale; sparser to the right)")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].set_ylabel("test accuracy (%)")
+  axes[0].set_title(f"mnist5k, LeNet-300-100, {epochs} epochs: all")
+  axes[1].set_ylim(best - 12, best + 1)
+  axes[1].set_title("top 12 points")
+  axes[1].legend(fontsize=8, loc="lower left")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
   return True
 
