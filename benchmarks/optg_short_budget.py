@@ -36,7 +36,9 @@ VARIANTS = {"optg (reference ramp)": ("optg", {"ramp": "reference"}),
 DEFAULT_VARIANTS = ("optg (reference ramp)", "optg (budget ramp)", "gmp")
 
 
-def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, seed: int) -> float:
+def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, seed: int,
+                   trace: bool = False) -> float:
+  """The final model's test accuracy; ``trace`` prints the sparsity each epoch trained at."""
   train, test = data.load_mnist_5k(seed=seed)
   tx = recipes.make_optimizer(method, sparsity, steps_per_epoch=len(train.labels) // BATCH,
                               epochs=epochs, seed=seed, **options)
@@ -44,7 +46,13 @@ def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, see
   result = training.fit(model, tx, train, test, epochs=epochs, batch_size=BATCH, seed=seed)
   evaluate = jax.jit(training.make_eval_step(model))
   final = training.final_state(result.state)
-  return int(evaluate(final, test.images, test.labels)) / len(test.labels)
+  accuracy = int(evaluate(final, test.images, test.labels)) / len(test.labels)
+  if trace:
+    print(json.dumps({"method": method, "options": options, "sparsity": sparsity, "seed": seed,
+                      "epochs": epochs, "trained_sparsity": [round(s, 5) for s in result.sparsity],
+                      "final_sparsity": training.sparsity_of(training.masks_in_use(
+                          final.opt_state)), "accuracy": accuracy}), flush=True)
+  return accuracy
 
 
 def main():
@@ -54,6 +62,8 @@ def main():
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                       default=list(DEFAULT_VARIANTS))
+  parser.add_argument("--trace", action="store_true",
+                      help="print each run's per-epoch trained sparsity and final sparsity")
   args = parser.parse_args()
   print("| P | E | " + " | ".join(args.variants) + " |")
   print("|---|---|" + "---|" * len(args.variants))
@@ -62,7 +72,7 @@ def main():
       means = {}
       for name in args.variants:
         method, options = VARIANTS[name]
-        accs = [final_accuracy(method, options, p, e, s) for s in args.seeds]
+        accs = [final_accuracy(method, options, p, e, s, args.trace) for s in args.seeds]
         means[name] = (100 * float(np.mean(accs)), 100 * float(np.std(accs)))
       print(f"| {p} | {e} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in means.values())
             + " |", flush=True)
