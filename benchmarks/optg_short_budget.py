@@ -1,4 +1,4 @@
-"""OptG at short budgets: the reference ramp, the budget ramp and GMP on the embedded digits.
+"""OptG at short budgets: the reference ramp, the budget ramp, both selection rules and GMP.
 
 LeNet-300-100 on mnist5k, batch 100, each method's reference chain (per-epoch warm-up + cosine
 SGD, momentum 0.9, weight decay 5e-4), final test accuracy of the final model (OptG: the top
@@ -6,6 +6,12 @@ scores at P), for E epochs and target P, mean over seeds. Nothing is asserted; t
 issue 11 comes from::
 
   python benchmarks/optg_short_budget.py --epochs 10 20 40 --sparsity 0.95 0.98 --seeds 0 1 2
+
+and the comparison of the selection rules (``selection_rule`` of ``og.mask_optimizer``, with the
+main job's ``ramp='auto'``) from::
+
+  python benchmarks/optg_short_budget.py --epochs 10 20 --variants "optg auto, exact" \
+      "optg auto, reference"
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from optg_jax import training
 BATCH = 100
 VARIANTS = {"optg (reference ramp)": ("optg", {"ramp": "reference"}),
             "optg (budget ramp)": ("optg", {"ramp": "budget"}),
+            "optg auto, exact": ("optg", {"ramp": "auto", "selection_rule": "exact"}),
+            "optg auto, reference": ("optg", {"ramp": "auto", "selection_rule": "reference"}),
             "gmp": ("gmp", {})}
+DEFAULT_VARIANTS = ("optg (reference ramp)", "optg (budget ramp)", "gmp")
 
 
-def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, seed: int) -> float:
+def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, seed: int,
+                   trace: bool = False) -> float:
+  """The final model's test accuracy; ``trace`` prints the sparsity each epoch trained at."""
   train, test = data.load_mnist_5k(seed=seed)
   tx = recipes.make_optimizer(method, sparsity, steps_per_epoch=len(train.labels) // BATCH,
                               epochs=epochs, seed=seed, **options)
@@ -35,7 +46,13 @@ def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, see
   result = training.fit(model, tx, train, test, epochs=epochs, batch_size=BATCH, seed=seed)
   evaluate = jax.jit(training.make_eval_step(model))
   final = training.final_state(result.state)
-  return int(evaluate(final, test.images, test.labels)) / len(test.labels)
+  accuracy = int(evaluate(final, test.images, test.labels)) / len(test.labels)
+  if trace:
+    print(json.dumps({"method": method, "options": options, "sparsity": sparsity, "seed": seed,
+                      "epochs": epochs, "trained_sparsity": [round(s, 5) for s in result.sparsity],
+                      "final_sparsity": training.sparsity_of(training.masks_in_use(
+                          final.opt_state)), "accuracy": accuracy}), flush=True)
+  return accuracy
 
 
 def main():
@@ -43,14 +60,19 @@ def main():
   parser.add_argument("--epochs", type=int, nargs="+", default=[10, 20, 40])
   parser.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.98])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                      default=list(DEFAULT_VARIANTS))
+  parser.add_argument("--trace", action="store_true",
+                      help="print each run's per-epoch trained sparsity and final sparsity")
   args = parser.parse_args()
-  print("| P | E | " + " | ".join(VARIANTS) + " |")
-  print("|---|---|" + "---|" * len(VARIANTS))
+  print("| P | E | " + " | ".join(args.variants) + " |")
+  print("|---|---|" + "---|" * len(args.variants))
   for p in args.sparsity:
     for e in args.epochs:
       means = {}
-      for name, (method, options) in VARIANTS.items():
-        accs = [final_accuracy(method, options, p, e, s) for s in args.seeds]
+      for name in args.variants:
+        method, options = VARIANTS[name]
+        accs = [final_accuracy(method, options, p, e, s, args.trace) for s in args.seeds]
         means[name] = (100 * float(np.mean(accs)), 100 * float(np.std(accs)))
       print(f"| {p} | {e} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in means.values())
             + " |", flush=True)

@@ -120,16 +120,38 @@ def init_params(method: str, params: Any, seed: int, **options: Any) -> Any:
 
 
 def warmup_cosine_per_epoch(
-    learning_rate: float, steps_per_epoch: int, epochs: int, warmup_epochs: int = 5
+    learning_rate: float, steps_per_epoch: int, epochs: int, warmup_epochs: int = 5, *,
+    scale_warmup: bool = True,
 ) -> optax.Schedule:
-  """OptG's weight learning rate, set once per epoch ``e``: ``lr·(e+1)/warmup_epochs`` during
-  warm-up, then ``0.5·lr·(1 + cos(π·e/epochs))`` (the cosine is not shifted by the warm-up)."""
+  """OptG's weight learning rate, set once per epoch ``e``: ``lr·(e+1)/W`` during the ``W``
+  warm-up epochs, then ``0.5·lr·(1 + cos(π·e/epochs))`` (the cosine is not shifted by the
+  warm-up).
+
+  Warm-up scaled to the run (``scale_warmup``): ``W = min(warmup_epochs, epochs // 2)``. The
+  warm-up then ends by mid-run, where the unshifted cosine it hands over to still runs at half
+  the peak or more (``cos(π·W/epochs) >= 0``), and at least half the run follows the cosine.
+  Runs with ``epochs >= 2·warmup_epochs`` are unchanged: the reference (5 of 100 epochs) and
+  every run of 10 epochs or more with the default 5. Without it, a run of ``epochs <=
+  warmup_epochs`` never leaves the warm-up (a 3-epoch run trains at 0.2, 0.4, 0.6 of the peak);
+  scaled, it trains at ``lr`` (``W = 1``: ``lr·1/1``), then on the cosine.
+
+  Args:
+    learning_rate: the peak rate ``lr``.
+    steps_per_epoch: optimizer steps per epoch (the rate is constant within an epoch).
+    epochs: the run's length ``E``.
+    warmup_epochs: the warm-up of a long run (5 in the reference).
+    scale_warmup: cap the warm-up at ``epochs // 2``; ``False`` keeps ``warmup_epochs`` as is.
+
+  Returns:
+    An optax schedule ``step -> lr`` (float32).
+  """
+  warmup = min(warmup_epochs, epochs // 2) if scale_warmup else warmup_epochs
 
   def schedule(step):
     e = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
-    warm = learning_rate * (e + 1) / max(warmup_epochs, 1)
+    warm = learning_rate * (e + 1) / max(warmup, 1)
     cosine = 0.5 * learning_rate * (1 + jnp.cos(jnp.pi * e / epochs))
-    return jnp.where(e < warmup_epochs, warm, cosine)
+    return jnp.where(e < warmup, warm, cosine)
 
   return schedule
 
@@ -144,6 +166,7 @@ def make_optimizer(
     weight_decay: float = 5e-4,
     momentum: float = 0.9,
     warmup_epochs: int = 5,
+    scale_warmup: bool = True,
     seed: int = 0,
     **method_kwargs: Any,
 ) -> optax.GradientTransformation:
@@ -160,7 +183,8 @@ def make_optimizer(
     learning_rate: peak weight learning rate of :func:`warmup_cosine_per_epoch`.
     weight_decay: L2 decay of all weights (pruned entries, biases and norms included, as OptG).
     momentum: SGD momentum of the weights.
-    warmup_epochs: linear warm-up epochs.
+    warmup_epochs: linear warm-up epochs of a long run.
+    scale_warmup: cap the warm-up at ``epochs // 2`` (:func:`warmup_cosine_per_epoch`).
     seed: seed of ``'random'``.
     **method_kwargs: passed on to the method's transformation (``distribution=``, ...).
 
@@ -168,7 +192,8 @@ def make_optimizer(
     ValueError: unknown method (the message lists them), or a bad argument of the method.
   """
   recipe = get_recipe(method)
-  lr = warmup_cosine_per_epoch(learning_rate, steps_per_epoch, epochs, warmup_epochs)
+  lr = warmup_cosine_per_epoch(learning_rate, steps_per_epoch, epochs, warmup_epochs,
+                               scale_warmup=scale_warmup)
   chain = {"weight_decay": weight_decay, "momentum": momentum} if recipe.builds_chain else {}
   head = recipe.builder(sparsity, learning_rate=lr, steps_per_epoch=steps_per_epoch,
                         epochs=epochs, seed=seed, **chain, **method_kwargs)

@@ -22,6 +22,37 @@ def test_warmup_cosine_per_epoch_matches_the_reference_formula():
     np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5)  # float32 cos
 
 
+@pytest.mark.parametrize("epochs,warmup", [(3, 1), (6, 3), (9, 4), (10, 5), (100, 5), (1, 0)])
+def test_warmup_is_capped_at_half_the_run(epochs, warmup):
+  lr, spe = 0.1, 2
+  schedule = jax.jit(recipes.warmup_cosine_per_epoch(lr, spe, epochs))
+  reference = jax.jit(recipes.warmup_cosine_per_epoch(lr, spe, epochs, scale_warmup=False))
+  got = [float(schedule(spe * e)) for e in range(epochs)]
+  expected = [lr * (e + 1) / warmup if e < warmup
+              else 0.5 * lr * (1 + math.cos(math.pi * e / epochs)) for e in range(epochs)]
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)  # float32 cos
+  # The warm-up ends by mid-run: from then on the cosine, which is at half the peak or more.
+  assert warmup <= epochs // 2 and all(g >= 0.5 * lr * (1 - 1e-6) for g in got[warmup:epochs // 2])
+  # Unscaled, a run of E <= 5 epochs never leaves the warm-up; E >= 10 is the same either way.
+  unscaled = [float(reference(spe * e)) for e in range(epochs)]
+  if epochs <= 5:
+    np.testing.assert_allclose(unscaled, [lr * (e + 1) / 5 for e in range(epochs)], rtol=1e-6)
+  if epochs >= 10:
+    assert unscaled == got
+
+
+def test_make_optimizer_scales_the_warmup():
+  params = {"w": jnp.ones((3, 2))}
+  grads = {"w": jnp.ones((3, 2))}
+  moves = []
+  for scale in (True, False):
+    tx = recipes.make_optimizer("dense", 0.0, steps_per_epoch=1, epochs=3, weight_decay=0.0,
+                                momentum=0.0, scale_warmup=scale)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moves.append(float(-updates["w"][0, 0]))
+  np.testing.assert_allclose(moves, [0.1, 0.1 / 5], rtol=1e-6)  # epoch 0 of a 3-epoch run
+
+
 def _params():
   keys = jax.random.split(jax.random.key(0), 4)
   return {"fc1": {"kernel": jax.random.normal(keys[0], (8, 6)),

@@ -58,8 +58,9 @@ class Config:
   """What defines a run (stored in ``WORKDIR/config.json``; a resumed run must match it).
 
   The weights train with SGD (``momentum``) on the per-epoch warm-up + cosine learning rate of
-  ``optg_jax.recipes.warmup_cosine_per_epoch`` (peak ``lr``, ``warmup_epochs``), with
-  ``weight_decay`` on every weight and ``label_smoothing`` in the loss.
+  ``optg_jax.recipes.warmup_cosine_per_epoch`` (peak ``lr``, ``warmup_epochs``, capped at
+  ``epochs // 2`` so that short runs finish their warm-up by mid-run), with ``weight_decay`` on
+  every weight and ``label_smoothing`` in the loss.
   """
   model: str = "lenet300100"
   dataset: str = "mnist5k"

@@ -201,9 +201,11 @@ def random_scores(seed: int, leaf_init: initializers.LeafInit,
 
 @dataclasses.dataclass(frozen=True)
 class TopKAtTarget:
-  """``final_masks`` rule: the exact top-k of ``S`` (or ``|S|``) at the target ``sparsity``.
+  """``final_masks`` rule: the top-k of ``S`` (or ``|S|``) at the target ``sparsity``.
 
-  A frozen value (equal for equal settings), selecting as ``selection`` does.
+  A frozen value (equal for equal settings), selecting as ``selection`` does: its pool and its
+  :attr:`~optg_jax.methods.selection.Selection.rule` (exact counts, or the OptG code's
+  threshold keeping every tie).
   """
   selection: Selection
   sparsity: float
@@ -217,8 +219,9 @@ class TopKAtTarget:
 def topk_masks(selection: Selection, sparsity: float,
                fraction: Callable[[Any], Any] = at_target, *,
                of_magnitude: bool = False) -> MaskFn:
-  """Mask function: exact top-k of ``S`` (or of ``|S|``, edge-popup) at ``fraction(step)`` of
-  the ``sparsity`` target, pooled as ``selection`` says. Bool masks."""
+  """Mask function: top-k of ``S`` (or of ``|S|``, edge-popup) at ``fraction(step)`` of the
+  ``sparsity`` target, pooled and counted as ``selection`` says (exact by default). Bool
+  masks."""
 
   def mask_fn(scores, params, step, aux):
     del aux

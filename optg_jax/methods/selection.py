@@ -1,4 +1,5 @@
-"""Where and how a method keeps its top scores: the pool, the per-layer budget, the top-k kind.
+"""Where and how a method keeps its top scores: the pool, the per-layer budget, the top-k kind,
+the selection rule.
 
 A :class:`Selection` is a frozen, hashable value (registered as a static pytree node), so a method
 state can carry it and select its final masks again without being told how.
@@ -17,12 +18,19 @@ import numpy as np
 from optg_jax import _checks
 from optg_jax import distributions
 from optg_jax import masks as masks_lib
+from optg_jax import select
 
 PyTree = Any
 DistributionFn = Callable[[PyTree, float], PyTree]
 
 TOPK_KINDS = ("unstructured",)
 """Kinds of top-k selection; N:M and block sparsity will be added here."""
+
+RULES = ("exact", "reference")
+"""Selection rules: ``'exact'`` keeps exactly ``N − floor(p·N)`` scores of a pool, ties at the
+threshold going to the earlier leaf and lower flat index; ``'reference'`` is the OptG authors'
+``S >= thr`` with ``thr`` the ``int(N·(1−p)) = N − ceil(p·N)``-th largest score, keeping every
+tie at ``thr`` (so it keeps ``N − ceil(p·N)`` without ties at the threshold, more with them)."""
 
 
 def _frozen_mapping(value: Any, name: str) -> tuple[tuple[str, Any], ...] | None:
@@ -52,6 +60,8 @@ class Selection:
     overrides: path regex → sparsity for the named distributions ``'uniform'`` and ``'erk'``;
       refused with ``'global'`` (one pool has no per-layer budget) and with a callable.
     topk: the kind of top-k: ``'unstructured'`` (the only kind for now).
+    rule: ``'exact'`` (exact counts, ties by position) or ``'reference'`` (the OptG code's
+      threshold, every tie kept); see :data:`RULES`.
   """
   distribution: str | DistributionFn = "global"
   exclude: tuple[str, ...] = ()
@@ -59,6 +69,7 @@ class Selection:
   layer_axes: int | Mapping[str, int] | None = None
   overrides: Mapping[str, float] | None = None
   topk: str = "unstructured"
+  rule: str = "exact"
 
   def __post_init__(self):
     if not (callable(self.distribution) or self.distribution in distributions.DISTRIBUTIONS):
@@ -79,6 +90,8 @@ class Selection:
       _checks.sparsity(value, f"overrides[{pattern!r}]")
     if self.topk not in TOPK_KINDS:
       raise ValueError(f"topk must be one of {TOPK_KINDS}, got {self.topk!r}")
+    if self.rule not in RULES:
+      raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
 
   def prunable(self, params: PyTree) -> PyTree:
     """Python bools, ``True`` at the prunable leaves (``layer_axes`` are checked too)."""
@@ -115,16 +128,66 @@ class Selection:
 
     Per-layer targets are solved once at the final sparsity and each is scaled by ``fraction``,
     as gradual schedules do per layer; at ``fraction >= 1`` the counts are exact for the Python
-    float targets (see :class:`optg_jax.masks.ScaledSparsity`).
+    float targets (see :class:`optg_jax.masks.ScaledSparsity`). Each pool (the global one, or
+    each layer) keeps its count by the :attr:`rule`.
     """
     prunable = self.prunable(params)
+    reference = self.rule == "reference"
     if self.distribution == "global":
-      return masks_lib.global_masks(scores, prunable,
-                                    masks_lib.ScaledSparsity(final_sparsity, fraction))
+      scaled = masks_lib.ScaledSparsity(final_sparsity, fraction)
+      if not reference:
+        return masks_lib.global_masks(scores, prunable, scaled)
+      pooled = _trees_only(prunable, scores)
+      n = sum(int(np.size(s)) for s in jax.tree_util.tree_leaves(pooled))
+      picked = select.global_topk_masks(pooled, _reference_keep(n, scaled), keep_ties=True)
+      return jax.tree.map(lambda keep, m: m if keep else jnp.array(True), prunable, picked,
+                          is_leaf=lambda x: x is None)
     finals = self.layer_sparsities(params, prunable, final_sparsity)
     per_leaf = jax.tree.map(lambda s: _scaled(s, fraction), finals,
                             is_leaf=lambda x: isinstance(x, tuple))
-    return masks_lib.layerwise_masks(scores, prunable, per_leaf, self._axes(params, prunable))
+    axes = self._axes(params, prunable)
+    if not reference:
+      return masks_lib.layerwise_masks(scores, prunable, per_leaf, axes)
+    return jax.tree.map(lambda keep, s, p, axis: _reference_leaf(s, p, axis) if keep
+                        else jnp.array(True), prunable, scores, per_leaf, axes,
+                        is_leaf=lambda x: x is None)
+
+
+def _trees_only(prunable: PyTree, scores: PyTree) -> PyTree:
+  """``scores`` at the prunable leaves, ``None`` elsewhere."""
+  return jax.tree.map(lambda keep, s: s if keep else None, prunable, scores,
+                      is_leaf=lambda x: x is None)
+
+
+def _reference_keep(n: int, sparsity: masks_lib.ScaledSparsity) -> int | jax.Array:
+  """``n − ceil(p·n)`` kept of ``n`` at a scheduled sparsity ``p`` (the OptG code's
+  ``int(n·(1−p))``), ``p`` read as :func:`optg_jax.masks.keep_count` reads it: the Python float
+  target at ``fraction >= 1``, else the float32 product."""
+  at_target = select.keep_count(n, sparsity.final, rounding="ceil")
+  fraction = sparsity.fraction
+  if not isinstance(fraction, jax.Array):
+    return (at_target if fraction >= 1
+            else select.keep_count(n, sparsity.final * fraction, rounding="ceil"))
+  on_the_way = select.keep_count(n, (sparsity.final * fraction).astype(jnp.float32),
+                                 rounding="ceil")
+  return jnp.where(fraction >= 1, at_target, on_the_way)
+
+
+def _reference_leaf(scores: Any, sparsity: Any, axis: int | None) -> jax.Array:
+  """``S >= thr`` of a leaf, or of each slice along a stacked layer ``axis`` (``sparsity`` a
+  :class:`~optg_jax.masks.ScaledSparsity`, or a tuple of one per layer), ``thr`` the
+  ``n − ceil(p·n)``-th largest score of its pool of ``n``."""
+  scores = jnp.asarray(scores)
+  if axis is None:
+    return select.topk_mask(scores, _reference_keep(scores.size, sparsity), keep_ties=True)
+  moved = jnp.moveaxis(scores, axis, 0)
+  rows = moved.reshape(moved.shape[0], -1)
+  per_layer = sparsity if isinstance(sparsity, tuple) else (sparsity,) * rows.shape[0]
+  if len(per_layer) != rows.shape[0]:
+    raise ValueError(f"{len(per_layer)} sparsities for a stack of {rows.shape[0]} layers")
+  k = jnp.stack([jnp.asarray(_reference_keep(rows.shape[1], p), jnp.int32) for p in per_layer])
+  mask = jax.vmap(lambda row, k: select.topk_mask(row, k, keep_ties=True))(rows, k)
+  return jnp.moveaxis(mask.reshape(moved.shape), 0, axis)
 
 
 def _layer_shapes(leaf: Any, axis: int | None) -> Any:

@@ -46,8 +46,9 @@ def shortest_decimal(sparsity: Any) -> fractions.Fraction:
   return fractions.Fraction(repr(float(sparsity)))
 
 
-def keep_count_array(n: int, sparsity: jax.Array) -> jax.Array:
-  """Exact int32 ``n - floor(p * n)`` for float32 ``p`` and ``n < 2**31``, clipped to ``[0, n]``.
+def keep_count_array(n: int, sparsity: jax.Array, round_up: bool = False) -> jax.Array:
+  """Exact int32 ``n - floor(p * n)`` for float32 ``p`` and ``n < 2**31``, clipped to ``[0, n]``;
+  ``n - ceil(p * n)`` with ``round_up``.
 
   The product of the 24-bit mantissa and ``n`` is formed in 12-bit limbs,
   every partial product fitting in int32.
@@ -70,6 +71,9 @@ def keep_count_array(n: int, sparsity: jax.Array) -> jax.Array:
   high = c3 * 4096 + (c2 & 0xFFF)  # < 2**31 because mant * n < 2**55
   q = shift - 24
   dropped = jnp.where(q >= 31, 0, high >> jnp.clip(q, 0, 30))
+  if round_up:  # one more is pruned when any bit below the binary point is set
+    shifted_out = jnp.where(q >= 31, high, high & ((1 << jnp.clip(q, 0, 30)) - 1))
+    dropped = dropped + ((shifted_out | (c1 & 0xFFF) | (c0 & 0xFFF)) != 0)
   keep = n - dropped
   keep = jnp.where(p >= 1.0, 0, keep)
   keep = jnp.where((p <= 0.0) | jnp.isnan(p), n, keep)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -14,13 +15,18 @@ from optg_jax.select import _keep
 from optg_jax.select import _keys
 from optg_jax.select import _masks
 from optg_jax.select import _search
-from optg_jax.select._keys import KEY_NAN
+from optg_jax.select._keys import KEY_NAN, KEY_TOP
 
 SMALL_TOTAL = 1 << 16  # pools up to this many scores are ranked by one sort
+ROUNDINGS = ("floor", "ceil")
+"""How `keep_count` rounds the pruned count ``sparsity * n``."""
 
 
-def keep_count(n: int, sparsity: Any) -> int | jax.Array:
+def keep_count(n: int, sparsity: Any, *, rounding: str = "floor") -> int | jax.Array:
   """Number of weights kept out of ``n`` at ``sparsity``: ``n - floor(sparsity * n)``.
+
+  With ``rounding='ceil'``, ``n - ceil(sparsity * n)``: the count ``int(n * (1 - sparsity))``
+  of the OptG authors' code (there in float64), one fewer unless ``sparsity * n`` is whole.
 
   Args:
     n: total number of weights, a non-negative Python int (at most
@@ -34,24 +40,29 @@ def keep_count(n: int, sparsity: Any) -> int | jax.Array:
       ``float32(0.7)`` is a little below 0.7); traced values cannot raise, so
       the result is clipped to ``[0, n]`` instead (``p <= 0`` keeps ``n``,
       ``p >= 1`` keeps 0, NaN keeps ``n``).
+    rounding: ``'floor'`` or ``'ceil'``, the rounding of the pruned count.
 
   Returns:
     The keep count ``k``.
 
   Raises:
-    ValueError: ``n < 0``, or a concrete ``sparsity`` outside ``[0, 1)`` or NaN.
+    ValueError: ``n < 0``, a concrete ``sparsity`` outside ``[0, 1)`` or NaN, or an unknown
+      ``rounding``.
     TypeError: ``n`` is not an integer or ``sparsity`` is not a real scalar.
   """
   n = _keep.check_n(n)
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}.")
   if isinstance(sparsity, jax.Array):
     if n > 2**31 - 1:
       raise ValueError(f"n must be < 2**31 for an array sparsity, got {n}.")
-    return _keep.keep_count_array(n, sparsity)
+    return _keep.keep_count_array(n, sparsity, round_up=rounding == "ceil")
   _keep.check_sparsity(sparsity)
-  return n - math.floor(_keep.shortest_decimal(sparsity) * n)
+  pruned = _keep.shortest_decimal(sparsity) * n
+  return n - (math.ceil(pruned) if rounding == "ceil" else math.floor(pruned))
 
 
-def global_topk_masks(scores: Any, k: Any) -> Any:
+def global_topk_masks(scores: Any, k: Any, *, keep_ties: bool = False) -> Any:
   """Masks keeping exactly the ``k`` largest scores over a whole pytree.
 
   Works leaf by leaf: above 65,536 scores in all the leaves are never
@@ -62,32 +73,40 @@ def global_topk_masks(scores: Any, k: Any) -> Any:
     scores: a pytree of float32/bfloat16/float16 arrays, any shapes.
     k: number of scores kept in total, a Python int or an integer (traced)
       scalar; clipped to ``[0, total size]``.
+    keep_ties: keep every score equal to the ``k``-th largest as well, so
+      ``k`` or more are kept: the masks are ``score >= kth_largest(scores, k)``
+      (the OptG authors' threshold rule). One `kth_largest` search and one
+      comparison pass; ``k == 0`` keeps nothing.
 
   Returns:
     A pytree of bool arrays with the structure and shapes of ``scores`` and
-    exactly ``k`` True entries in total. Ties at the threshold keep the
-    earlier leaf (``jax.tree_util.tree_leaves`` order), then the lower flat
-    (row-major) index; NaN ranks below ``-inf`` and ``-0.0`` equals ``+0.0``.
+    exactly ``k`` True entries in total (unless ``keep_ties``). Ties at the
+    threshold keep the earlier leaf (``jax.tree_util.tree_leaves`` order),
+    then the lower flat (row-major) index; NaN ranks below ``-inf`` and
+    ``-0.0`` equals ``+0.0``.
   """
   leaves, treedef, shapes = _flat_leaves(scores)
-  masks = _global_topk_flat(leaves, k)
+  masks = _global_topk_flat(leaves, k, keep_ties=keep_ties)
   return jax.tree_util.tree_unflatten(
       treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
 
 
-def topk_mask(scores: jax.Array, k: Any) -> jax.Array:
+def topk_mask(scores: jax.Array, k: Any, *, keep_ties: bool = False) -> jax.Array:
   """Bool mask of ``scores``' shape keeping exactly its ``k`` largest entries.
 
   Args:
     scores: float32/bfloat16/float16 array of any shape.
     k: Python int or integer (traced) scalar, clipped to ``[0, scores.size]``.
       Under ``jax.vmap`` it may differ per row.
+    keep_ties: keep every entry tied with the ``k``-th largest too (see
+      `global_topk_masks`).
 
   Returns:
     A bool array, True at the ``k`` largest scores; ties at the threshold keep
-    the lower flat (row-major) index, NaN ranks below ``-inf``.
+    the lower flat (row-major) index (all of them with ``keep_ties``), NaN
+    ranks below ``-inf``.
   """
-  return global_topk_masks(_keys.check_scores(scores, ""), k)
+  return global_topk_masks(_keys.check_scores(scores, ""), k, keep_ties=keep_ties)
 
 
 def kth_largest(scores: Any, k: Any) -> jax.Array:
@@ -146,19 +165,32 @@ def _live(leaves: list[jax.Array]) -> list[jax.Array]:
   return [lax.stop_gradient(x) for x in leaves if x.shape[0] > 0]
 
 
+def _kth_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
+  """int32 key of the k-th largest score of flat leaves, ``0 <= k <= total``, ``total > 0``
+  (any key for ``k == 0``: callers mask that case)."""
+  total = sum(x.shape[0] for x in leaves)
+  if total <= SMALL_TOTAL:
+    return jnp.sort(_masks.pooled_keys(leaves))[jnp.clip(total - k, 0, total - 1)]
+  return _searched_key(_live(leaves), k)
+
+
 def _kth_value(key: jax.Array, k: jax.Array) -> jax.Array:
   """float32 value of the k-th largest key: NaN for ``KEY_NAN``, +inf for ``k == 0``."""
   value = jnp.where(key == KEY_NAN, jnp.nan, _keys.key_value(key))
   return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
 
 
-@jax.jit
-def _global_topk_flat(leaves: list[jax.Array], k: Any) -> list[jax.Array]:
-  """Flat bool masks of flat leaves (jitted: calls outside ``jit`` compile once per shape)."""
+@functools.partial(jax.jit, static_argnames="keep_ties")
+def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False) -> list[jax.Array]:
+  """Flat bool masks of flat leaves (jitted: calls outside ``jit`` compile once per shape);
+  with ``keep_ties``, ``key >= key of the k-th largest`` (none for ``k == 0``)."""
   total = sum(x.shape[0] for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
     return [jnp.zeros(x.shape, bool) for x in leaves]
+  if keep_ties:
+    thresh = jnp.where(k > 0, _kth_key(leaves, k), KEY_TOP)
+    return [_keys.keys(x) >= thresh for x in leaves]
   if total <= SMALL_TOTAL:
     return _masks.by_sort(leaves, k)
   flat = iter(_searched_masks(_live(leaves), k))
@@ -172,10 +204,8 @@ def _kth_largest_flat(leaves: list[jax.Array], k: Any) -> jax.Array:
   k = _clip_k(k, total)
   if total == 0:
     return jnp.float32(jnp.inf)
-  if total <= SMALL_TOTAL:
-    keys = jnp.sort(_masks.pooled_keys(leaves))
-    return _kth_value(keys[jnp.clip(total - k, 0, total - 1)], k)
-  return _searched_value(_live(leaves), k)
+  return _kth_value(_kth_key(leaves, k), k)
+
 
 
 # ----------------------------------------------------------------------------
@@ -212,10 +242,10 @@ def _searched_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
 
 
 @jax.custom_batching.custom_vmap
-def _searched_value(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
-  """The k-th largest score of non-empty flat leaves by the counting search."""
-  return _kth_value(_search.select(leaves, k, k == 0).lo, k)
+def _searched_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
+  """The key of the k-th largest score of non-empty flat leaves by the counting search."""
+  return _search.select(leaves, k, k == 0).lo
 
 
 _searched_masks.def_vmap(_row_by_row(_searched_masks))
-_searched_value.def_vmap(_row_by_row(_searched_value))
+_searched_key.def_vmap(_row_by_row(_searched_key))
