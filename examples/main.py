@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
     if recipes.get_recipe(cfg.method).frozen_weights:  # its own options drive it, not lr/wd
       settings = f"frozen weights, {dict(cfg.method_options)}"
     else:
-      settings = f"sparsity {cfg.sparsity}, lr {cfg.lr}, wd {cfg.weight_decay}"
+      warmup = recipes.scaled_warmup(cfg.epochs, cfg.warmup_epochs)
+      settings = (f"sparsity {cfg.sparsity}, lr {cfg.lr} (warm-up {warmup} epochs), "
+                  f"wd {cfg.weight_decay}")
     if cfg.method == "optg":
       ramp = cfg.method_options.get("ramp", "reference")
       settings += f", {og.methods.optg.resolve_ramp(ramp, cfg.epochs)} ramp (ramp={ramp!r})"

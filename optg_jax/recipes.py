@@ -119,6 +119,11 @@ def init_params(method: str, params: Any, seed: int, **options: Any) -> Any:
   return recipe.init_params(params, jax.random.key(seed + 1), **options)
 
 
+def scaled_warmup(epochs: int, warmup_epochs: int = 5) -> int:
+  """The warm-up epochs of a run of ``epochs``: ``min(warmup_epochs, epochs // 2)``."""
+  return min(warmup_epochs, epochs // 2)
+
+
 def warmup_cosine_per_epoch(
     learning_rate: float, steps_per_epoch: int, epochs: int, warmup_epochs: int = 5, *,
     scale_warmup: bool = True,
@@ -145,7 +150,7 @@ def warmup_cosine_per_epoch(
   Returns:
     An optax schedule ``step -> lr`` (float32).
   """
-  warmup = min(warmup_epochs, epochs // 2) if scale_warmup else warmup_epochs
+  warmup = scaled_warmup(epochs, warmup_epochs) if scale_warmup else warmup_epochs
 
   def schedule(step):
     e = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
