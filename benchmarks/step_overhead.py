@@ -63,6 +63,15 @@ EVERY_STEP = ("signed_supermask", "edge_popup")
 """Methods that recompute the mask in every update: every step is a refresh step."""
 
 
+def method_names(spec: str | None) -> list[str]:
+  """The methods of a comma-separated ``spec`` (unknown names fail early), or every registered
+  method but ``'dense'``."""
+  methods = spec.split(",") if spec else [m for m in recipes.names() if m != "dense"]
+  for m in methods:
+    recipes.get_recipe(m)
+  return methods
+
+
 def method_options(method: str, model: str) -> dict[str, Any]:
   """The recipe options the benchmark passes: CS masks every kernel of an MLP (its reference
   masks the 3×3 convolutions only, which LeNet-300-100 has none of)."""
@@ -192,14 +201,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.epochs % 2:
     parser.error("--epochs must be even (RST's extrusion then ends at an epoch boundary)")
   model = "lenet300100" if args.quick else args.model
-  if args.quick:
-    methods = list(QUICK_METHODS)
-  elif args.methods:
-    methods = args.methods.split(",")
-  else:
-    methods = [m for m in recipes.names() if m != "dense"]
-  for m in methods:
-    recipes.get_recipe(m)  # unknown names fail before anything is compiled
+  methods = list(QUICK_METHODS) if args.quick else method_names(args.methods)
   repeats = 3 if args.quick else args.repeats
   batch = args.batch or BATCH[model]
   rows = run_model(model, methods, batch=batch, repeats=repeats, sparsity=args.sparsity,

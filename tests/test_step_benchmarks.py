@@ -34,3 +34,16 @@ def test_step_overhead_quick_gives_a_positive_ratio_per_method_and_kind_of_step(
       assert math.isfinite(row[key]) and row[key] > 0, (row["method"], row["kind"], key)
   assert "| lenet300100 (128) | optg |" in stdout
 
+
+def test_memory_quick_gives_bytes_per_weight_per_method(tmp_path):
+  result, stdout = run_quick("memory.py", tmp_path / "memory.json")
+  rows = {r["method"]: r for r in result["rows"]}
+  assert {"sgd_momentum", "adam", "optg", "magnitude"} <= set(rows)
+  # Exact counts: float32 momentum is 4 bytes per weight, Adam's two moments 8.
+  assert rows["sgd_momentum"]["optimizer_bytes_per_weight"] == pytest.approx(4.0, rel=1e-2)
+  assert rows["adam"]["optimizer_bytes_per_weight"] == pytest.approx(8.0, rel=1e-2)
+  # Bool masks: one byte per prunable weight (scalar True elsewhere).
+  assert rows["magnitude"]["masks_bytes_per_weight"] == pytest.approx(1.0, rel=1e-2)
+  # OptG: masks (1) + float32 scores (4) + their momentum (4), plus a few scalars.
+  assert rows["optg"]["method_bytes_per_weight"] == pytest.approx(9.0, rel=1e-2)
+  assert "| optg |" in stdout
