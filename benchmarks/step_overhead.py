@@ -124,9 +124,11 @@ def build(model_name: str, method: str, images: np.ndarray, labels: np.ndarray, 
 
 
 def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
-              sparsity: float, steps_per_epoch: int, epochs: int) -> list[dict[str, Any]]:
+              sparsity: float, steps_per_epoch: int, epochs: int,
+              hlo_dir: str | None = None) -> list[dict[str, Any]]:
   """One row per method and kind of step (``'steady'``, ``'refresh'``): times in ms, ratio to
-  the dense step of the same interleaved rounds, compile times in s."""
+  the dense step of the same interleaved rounds, compile times in s. With ``hlo_dir``, each
+  compiled step's HLO text (dense included) is written there."""
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, *models.input_shape(model_name))).astype(np.float32)
   labels = rng.integers(0, 10, batch).astype(np.int32)
@@ -136,6 +138,11 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
   rows = []
   for method in methods:
     built = build(model_name, method, images, labels, **kwargs)
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      for name, b in (("dense", dense), (method, built)):
+        with open(os.path.join(hlo_dir, f"{model_name}_{name}.hlo.txt"), "w") as f:
+          f.write(b["step"].as_text())
     steady = epochs // 2 * steps_per_epoch
     kinds = [("steady", steady)]
     refresh = refresh_count(method, steps_per_epoch, epochs)
@@ -197,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--quick", action="store_true",
                       help=f"LeNet-300-100, {', '.join(QUICK_METHODS)}, 3 repeats")
   parser.add_argument("--out", default=None, help="JSON file to write")
+  parser.add_argument("--dump-hlo", default=None, metavar="DIR",
+                      help="write each compiled step's HLO text to DIR/<model>_<method>.hlo.txt")
   args = parser.parse_args(argv)
   if args.epochs % 2:
     parser.error("--epochs must be even (RST's extrusion then ends at an epoch boundary)")
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
   repeats = 3 if args.quick else args.repeats
   batch = args.batch or BATCH[model]
   rows = run_model(model, methods, batch=batch, repeats=repeats, sparsity=args.sparsity,
-                   steps_per_epoch=args.steps_per_epoch, epochs=args.epochs)
+                   steps_per_epoch=args.steps_per_epoch, epochs=args.epochs,
+                   hlo_dir=args.dump_hlo)
   table = markdown(rows)
   print(table)
   if args.out:
