@@ -1,0 +1,234 @@
+"""Jitted train-step overhead: every registered method's step time relative to a dense step.
+
+For each method of ``optg_jax.recipes.names()`` (``'dense'`` is the baseline) this builds the
+method's reference chain (``recipes.make_optimizer``: the method, then weight decay and SGD
+momentum; the method alone for frozen-weight methods; the method's own chain for methods with
+rounds), the design's one train step (``training.make_train_step``) on the same model and the
+same batch, and compiles it ahead of time (``jax.jit(step).lower(...).compile()``, whose wall
+time is the *compile time*, in seconds). The dense step is the ``'dense'`` recipe's chain
+(``identity → add_decayed_weights → sgd(momentum)``) on the same model and batch.
+
+Two kinds of step are timed, from states set to a chosen step count (every ``count`` and
+``round_step`` field of the optimizer state set to ``t``, after two real steps from init so
+that scores and momenta are not all zeros, see :func:`at_step`). The update of a state at count
+``t`` computes the masks of step ``t + 1``, so:
+
+* *steady* (non-refresh) step: ``t = k·spe`` with ``k = epochs // 2``, where no method refreshes;
+* *refresh* step: the count whose update recomputes the mask (:func:`refresh_count`): OptG and
+  GMP refresh at the epoch boundary (``t = k·spe − 1``), RST when extrusion ends
+  (``t = ceil(E/2)·spe − 1 = k·spe − 1``, ``E`` even), SNIP in the update of step 0, lottery
+  tickets and Continuous Sparsification at the end of round 0 (``t = E·spe − 1``: new masks and
+  the rewind). One-shot magnitude and random pruning select once at init (no refresh step);
+  signed supermask and edge-popup recompute the mask in every update (every step refreshes: the
+  steady step is their refresh step).
+
+Timing: a warm-up, then ``--repeats`` interleaved rounds (method step, dense step, method step,
+...) with ``block_until_ready``; the ratio is the median method time over the median dense time
+of the same rounds, in one process. The same state is stepped again each time (no donation),
+so each call does the same work. Prints a Markdown table and writes JSON (``--out``)::
+
+  python benchmarks/step_overhead.py --out step_overhead.json          # LeNet-300-100, b128
+  python benchmarks/step_overhead.py --model resnet20                   # CIFAR ResNet-20, b128
+  python benchmarks/step_overhead.py --model resnet50 --batch 4 --methods optg,gmp
+  python benchmarks/step_overhead.py --quick     # LeNet, 3 methods, 3 repeats (run in tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optg_jax import models
+from optg_jax import recipes
+from optg_jax import training
+from sparse_inference import time_ms  # the interleaved median timer of the sibling benchmark
+
+BATCH = {"lenet300100": 128, "resnet20": 128, "resnet50": 4}
+"""Default batch per model (ResNet-50: a small batch, for a CPU)."""
+QUICK_METHODS = ("optg", "gmp", "magnitude")
+INIT_ONLY = ("magnitude", "random")
+"""Methods whose mask is selected at init only: no update refreshes it."""
+EVERY_STEP = ("signed_supermask", "edge_popup")
+"""Methods that recompute the mask in every update: every step is a refresh step."""
+
+
+def method_names(spec: str | None) -> list[str]:
+  """The methods of a comma-separated ``spec`` (unknown names fail early), or every registered
+  method but ``'dense'``."""
+  methods = spec.split(",") if spec else [m for m in recipes.names() if m != "dense"]
+  for m in methods:
+    recipes.get_recipe(m)
+  return methods
+
+
+def method_options(method: str, model: str) -> dict[str, Any]:
+  """The recipe options the benchmark passes: CS masks every kernel of an MLP (its reference
+  masks the 3×3 convolutions only, which LeNet-300-100 has none of)."""
+  if method == "continuous_sparsification" and model == "lenet300100":
+    return {"layers": "all"}
+  return {}
+
+
+def refresh_count(method: str, steps_per_epoch: int, epochs: int) -> int | None:
+  """The count ``t`` whose update recomputes the masks (see the module doc); ``None`` for
+  methods with no refresh step (init-only) or a refresh in every step."""
+  k = epochs // 2
+  if method in INIT_ONLY or method in EVERY_STEP:
+    return None
+  if method == "snip":
+    return 0  # og.snip(num_batches=1): the mask of step 1 is computed in the update of step 0
+  if method in ("lottery_ticket", "continuous_sparsification"):
+    return epochs * steps_per_epoch - 1  # the last update of round 0
+  return k * steps_per_epoch - 1  # optg, gmp (inside its window), rst (end of extrusion)
+
+
+def at_step(opt_state: Any, t: int) -> Any:
+  """``opt_state`` with every ``count`` and ``round_step`` field (optax's step counters, the
+  methods' counts, ``og.rounds``' step in round 0) set to ``t``: the state of step ``t`` as far
+  as schedules and refresh predicates see it."""
+
+  def set_field(path, x):
+    name = getattr(path[-1], "name", None) if path else None
+    return jnp.full_like(x, t) if name in ("count", "round_step") else x
+
+  return jax.tree_util.tree_map_with_path(set_field, opt_state)
+
+
+def build(model_name: str, method: str, images: np.ndarray, labels: np.ndarray, *,
+          sparsity: float, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+  """The compiled step of ``method`` on ``model_name``, its compile time (s) and its state after
+  two real steps from init."""
+  model = models.get_model(model_name)
+  options = method_options(method, model_name)
+  tx = recipes.make_optimizer(method, sparsity, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                              **options)
+  state = training.init(model, tx, images[:1], seed=0, init_params=functools.partial(
+      recipes.init_params, method, seed=0, **options))
+  start = time.perf_counter()
+  step = jax.jit(training.make_train_step(model, tx)).lower(state, images, labels).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(2):
+    state, _ = step(state, images, labels)
+  return {"step": step, "state": jax.block_until_ready(state), "compile_s": compile_s}
+
+
+def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
+              sparsity: float, steps_per_epoch: int, epochs: int,
+              hlo_dir: str | None = None) -> list[dict[str, Any]]:
+  """One row per method and kind of step (``'steady'``, ``'refresh'``): times in ms, ratio to
+  the dense step of the same interleaved rounds, compile times in s. With ``hlo_dir``, each
+  compiled step's HLO text (dense included) is written there."""
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((batch, *models.input_shape(model_name))).astype(np.float32)
+  labels = rng.integers(0, 10, batch).astype(np.int32)
+  kwargs = {"sparsity": sparsity, "steps_per_epoch": steps_per_epoch, "epochs": epochs}
+  dense = build(model_name, "dense", images, labels, **kwargs)
+  dense_state = at_step(dense["state"], epochs // 2 * steps_per_epoch)
+  rows = []
+  for method in methods:
+    built = build(model_name, method, images, labels, **kwargs)
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      for name, b in (("dense", dense), (method, built)):
+        with open(os.path.join(hlo_dir, f"{model_name}_{name}.hlo.txt"), "w") as f:
+          f.write(b["step"].as_text())
+    steady = epochs // 2 * steps_per_epoch
+    kinds = [("steady", steady)]
+    refresh = refresh_count(method, steps_per_epoch, epochs)
+    if refresh is not None:
+      kinds.append(("refresh", refresh))
+    for kind, count in kinds:
+      state = at_step(built["state"], count)
+      fns = {"method": lambda x, s=state: jax.block_until_ready(built["step"](s, *x)),
+             "dense": lambda x: jax.block_until_ready(dense["step"](dense_state, *x))}
+      ms = time_ms(fns, (images, labels), repeats)
+      rows.append({"model": model_name, "batch": batch, "method": method, "kind": kind,
+                   "count": count, "every_step_refreshes": method in EVERY_STEP,
+                   "method_ms": ms["method"], "dense_ms": ms["dense"],
+                   "ratio": ms["method"] / ms["dense"], "compile_s": built["compile_s"],
+                   "dense_compile_s": dense["compile_s"]})
+      print(f"# {model_name} {method} {kind} (count {count}): {rows[-1]['ratio']:.3f}x",
+            file=sys.stderr, flush=True)
+  return rows
+
+
+def refresh_note(method: str) -> str:
+  if method in INIT_ONLY:
+    return "none (mask from init)"
+  if method in EVERY_STEP:
+    return "every step"
+  return "-"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+  """One line per model and method: steady and refresh step / dense, ms, compile times."""
+  head = ["model (batch)", "method", "steady step / dense", "refresh step / dense",
+          "dense step ms", "compile s (method / dense)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+  for r in rows:
+    by_key.setdefault((r["model"], r["method"]), {})[r["kind"]] = r
+  for (model, method), kinds in by_key.items():
+    steady = kinds["steady"]
+    refresh = (f"{kinds['refresh']['ratio']:.3f}" if "refresh" in kinds
+               else refresh_note(method))
+    if method in EVERY_STEP:
+      refresh = f"{steady['ratio']:.3f} (every step)"
+    lines.append(f"| {model} ({steady['batch']}) | {method} | {steady['ratio']:.3f} | "
+                 f"{refresh} | {steady['dense_ms']:.3g} | "
+                 f"{steady['compile_s']:.2f} / {steady['dense_compile_s']:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="lenet300100", choices=sorted(BATCH))
+  parser.add_argument("--batch", type=int, default=None, help="default: 128, ResNet-50 4")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated (default: every registered method but dense)")
+  parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds")
+  parser.add_argument("--sparsity", type=float, default=0.9)
+  parser.add_argument("--steps-per-epoch", type=int, default=100)
+  parser.add_argument("--epochs", type=int, default=10, help="even (see refresh_count)")
+  parser.add_argument("--quick", action="store_true",
+                      help=f"LeNet-300-100, {', '.join(QUICK_METHODS)}, 3 repeats")
+  parser.add_argument("--out", default=None, help="JSON file to write")
+  parser.add_argument("--dump-hlo", default=None, metavar="DIR",
+                      help="write each compiled step's HLO text to DIR/<model>_<method>.hlo.txt")
+  args = parser.parse_args(argv)
+  if args.epochs % 2:
+    parser.error("--epochs must be even (RST's extrusion then ends at an epoch boundary)")
+  model = "lenet300100" if args.quick else args.model
+  methods = list(QUICK_METHODS) if args.quick else method_names(args.methods)
+  repeats = 3 if args.quick else args.repeats
+  batch = args.batch or BATCH[model]
+  rows = run_model(model, methods, batch=batch, repeats=repeats, sparsity=args.sparsity,
+                   steps_per_epoch=args.steps_per_epoch, epochs=args.epochs,
+                   hlo_dir=args.dump_hlo)
+  table = markdown(rows)
+  print(table)
+  if args.out:
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpu_count": os.cpu_count(), "jax": jax.__version__,
+               "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+               "python": sys.version.split()[0]}
+    with open(args.out, "w") as f:
+      json.dump({"machine": machine, "repeats": repeats, "sparsity": args.sparsity,
+                 "steps_per_epoch": args.steps_per_epoch, "epochs": args.epochs, "rows": rows,
+                 "table": table}, f, indent=1)
+  return 0 if all(math.isfinite(r["ratio"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
