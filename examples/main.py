@@ -41,7 +41,8 @@ from optg_jax import recipes
 
 UsageError = train.UsageError
 FLAGS = ("method", "sparsity", "model", "dataset", "epochs", "batch_size", "lr", "weight_decay",
-         "label_smoothing", "seed", "train_examples", "test_examples", "dense_baseline")
+         "label_smoothing", "seed", "train_examples", "test_examples", "dense_baseline",
+         "skip_nonfinite")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
   add("--data-dir", default=None, help="tfds data dir (default ~/tensorflow_datasets)")
   add("--dense-baseline", action=argparse.BooleanOptionalAction, default=None,
       help="also train the dense model with the same budget (default: on for mnist5k)")
+  add("--skip-nonfinite", action="store_true", default=None,
+      help="skip the steps whose loss or gradients are not finite (optax.apply_if_finite) "
+      "instead of stopping; the summary counts them")
   add("--stop-after", type=int, default=None, metavar="EPOCHS",
       help="stop each run after this epoch, as if preempted; continue with --resume")
   args = parser.parse_args(argv)
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
   except UsageError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
+  except train.NonFiniteError as e:
+    print(f"{prog}: stopped: {e}", file=sys.stderr)
+    return 1
   if done is None:
     print(f"stopped as asked by --stop-after; continue with --resume --workdir {workdir}")
     return 0

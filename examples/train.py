@@ -61,6 +61,11 @@ class UsageError(Exception):
   """Bad input: reported as one line on stderr, exit status 2."""
 
 
+class NonFiniteError(Exception):
+  """The loss went NaN or infinite: reported as one line on stderr, exit status 1; the
+  checkpoint of the last good epoch is kept."""
+
+
 class Outcome(NamedTuple):
   """A finished run: the final ``state`` (final masks), ``masks``, its test ``accuracy``, the
   per-epoch ``records`` of ``metrics.jsonl``, and the ``model`` with an input ``sample``."""
@@ -118,6 +123,8 @@ def build(cfg: Config, data_dir: str | None) -> Setup:
         cfg.method, cfg.sparsity, steps_per_epoch=spe, epochs=cfg.epochs, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, warmup_epochs=cfg.warmup_epochs,
         seed=cfg.seed, **cfg.method_options)
+    if cfg.skip_nonfinite:  # a whole epoch of bad steps goes through, and stops the run
+      tx = optax.apply_if_finite(tx, max_consecutive_errors=spe)
     epochs = total_epochs(cfg)
     train_it = data.load(cfg.dataset, train_split, batch_size=cfg.batch_size, seed=cfg.seed,
                          data_dir=data_dir, cache=cache)
@@ -177,9 +184,10 @@ def train_run(cfg: Config, workdir: pathlib.Path, *, data_dir: str | None = None
     else:
       write_json(workdir / "config.json", cfg.to_json())
     records = [r for r in report.read_jsonl(metrics_path) if r["epoch"] <= int(ckpt.epoch)]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics_path.write_text("".join(json_line(r) for r in records))
     step = parallel.data_parallel(
-        training.make_train_step(setup.model, setup.tx, cfg.label_smoothing), mesh,
+        training.make_train_step(setup.model, setup.tx, cfg.label_smoothing,
+                                 skip_nonfinite=cfg.skip_nonfinite), mesh,
         donate_state=True)
     evaluate = parallel.data_parallel(training.make_eval_step(setup.model), mesh)
     last = setup.epochs if stop_after is None else min(stop_after, setup.epochs)
@@ -210,7 +218,9 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
       tic = time.perf_counter()
       phase = training.phase_of(state.opt_state)  # of the epoch's first step
       bar.set_description(f"{label} epoch {epoch}/{setup.epochs}{_where(phase)}")
-      state, loss, masks = training.run_epoch(step, state, setup.train_it, spe, on_step)
+      state, loss, masks, nonfinite, first_bad = training.run_epoch(
+          step, state, setup.train_it, spe, on_step)
+      _check_finite(cfg, state, int(nonfinite), int(first_bad), epoch, spe, metrics_path)
       accuracy = _test_accuracy(setup, evaluate, training.with_masks_in_use(state, masks),
                                 cfg.batch_size)
       seconds = elapsed + time.perf_counter() - start
@@ -218,12 +228,17 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
                 "test_accuracy": accuracy, "sparsity": training.sparsity_of(masks),
                 "lr": None if setup.lr is None else float(setup.lr((epoch - 1) * spe)),
                 "seconds": round(seconds, 3), **phase}
+      if int(nonfinite):
+        record["skipped_steps"] = int(nonfinite)
+      collapsed = training.collapsed_layers(masks)
+      if collapsed:  # a layer pruned to 100 %: the network is disconnected
+        record["collapsed_layers"] = collapsed
       ckpt = ckpt._replace(state=state, epoch=jnp.asarray(epoch, jnp.int32),
                            step=jnp.asarray(epoch * spe, jnp.int32))
       checkpoint.save(mngr, ckpt, iterator=setup.train_it,
                       metadata={"config": cfg.to_json(), "seconds": seconds})
       with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_line(record))
       records.append(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{accuracy:.4f}",
                       sparsity=f"{record['sparsity']:.4f}")
@@ -233,6 +248,34 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
               f"test acc {accuracy:.4f}  sparsity {record['sparsity']:.4f}{lr}  "
               f"{spe / (time.perf_counter() - tic):.1f} steps/s", flush=True)
   return ckpt, records
+
+
+def json_line(record: dict[str, Any]) -> str:
+  """``record`` as one line of strict JSON: a float that is not finite becomes ``null``."""
+  clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+           for k, v in record.items()}
+  return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def _check_finite(cfg, state, nonfinite, first_bad, epoch, spe, metrics_path) -> None:
+  """Stops the run (``NonFiniteError``) after an epoch with a non-finite loss, or, with
+  ``--skip-nonfinite``, after an epoch of only non-finite steps or with non-finite weights;
+  the epoch is logged (``null`` loss) and not checkpointed."""
+  if cfg.skip_nonfinite and nonfinite < spe and bool(training.all_finite(state.params)):
+    return
+  if not nonfinite and bool(training.all_finite(state.params)):
+    return
+  step = (epoch - 1) * spe + max(first_bad, 0) + 1
+  leaf = (training.first_nonfinite_leaf(state.params) or
+          "none in the params (the loss of that batch)")
+  kept = f"the last good checkpoint is epoch {epoch - 1}" if epoch > 1 else "no checkpoint yet"
+  message = (f"non-finite loss at step {step} (epoch {epoch}); first non-finite leaf: {leaf}; "
+             f"{kept}"
+             + ("" if cfg.skip_nonfinite else "; --skip-nonfinite skips such steps instead"))
+  with metrics_path.open("a") as f:
+    f.write(json_line({"epoch": epoch, "step": epoch * spe, "loss": None,
+                       "nonfinite_steps": nonfinite, "stopped": message}))
+  raise NonFiniteError(message)
 
 
 def _where(phase: dict[str, Any]) -> str:
@@ -254,11 +297,22 @@ def _finish(cfg, setup, state, records, evaluate, workdir) -> Outcome:
   sparsity = float(og.sparsity_summary(masks).sparsity)
   result = {"method": cfg.method, "test_accuracy": accuracy, "sparsity": sparsity,
             "weights_remaining": 1.0 - sparsity}
+  skipped = skipped_steps(state.opt_state)
+  if skipped is not None:
+    result["skipped_steps"] = skipped
+  result["collapsed_layers"] = training.collapsed_layers(masks)
   if cfg.method == "signed_supermask":
     result["inverted"] = float(og.methods.signed_supermask.inverted_fraction(state.opt_state))
   result["compact_model"] = export_model(cfg, state, masks, workdir / COMPACT_MODEL)
   write_json(workdir / "result.json", result)
   return Outcome(state, masks, accuracy, records, setup.model, setup.sample)
+
+
+def skipped_steps(opt_state: Any) -> int | None:
+  """Steps ``optax.apply_if_finite`` skipped (``--skip-nonfinite``), or ``None`` without it."""
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    return int(opt_state.total_notfinite)
+  return None
 
 
 COMPACT_MODEL = "model.ospk"  # the shipped model: og.export's compact file (examples/infer.py)
@@ -326,6 +380,13 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
     inverted = float(og.methods.signed_supermask.inverted_fraction(outcome.state.opt_state))
     table += (f"\nweights remaining {1 - rep.sparsity:.2%} of the masked weights, of which "
               f"{inverted / max(1 - rep.sparsity, 1e-12):.2%} inverted ({inverted:.2%} of all)")
+  skipped = skipped_steps(outcome.state.opt_state)
+  if skipped is not None:
+    table += f"\n--skip-nonfinite: {skipped} step(s) with a non-finite loss skipped"
+  collapsed = training.collapsed_layers(outcome.masks)
+  if collapsed:
+    table += (f"\nWARNING: {', '.join(collapsed)} pruned to 100 %: the network is disconnected "
+              "there (its output does not depend on the input)")
   if cfg.method == "continuous_sparsification":
     options = cfg.method_options
     table += (f"\nContinuous Sparsification sets no target: its ticket [s > 0] reached sparsity "

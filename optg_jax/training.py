@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from optg_jax import _extras
+from optg_jax import _paths
 
 _extras.require("optg_jax.training", "flax", "flax")
 
@@ -109,8 +110,14 @@ def init(model: nn.Module, tx: optax.GradientTransformation, sample: np.ndarray,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0) -> Callable[..., tuple[TrainState, jax.Array]]:
-  """``step(state, images, labels) -> (state, loss)``: cross-entropy at the effective weights."""
+                    label_smoothing: float = 0.0, *, skip_nonfinite: bool = False
+                    ) -> Callable[..., tuple[TrainState, jax.Array]]:
+  """``step(state, images, labels) -> (state, loss)``: cross-entropy at the effective weights.
+
+  ``skip_nonfinite``: a step whose loss or gradients are not finite keeps the ``batch_stats`` it
+  started from; wrap ``tx`` in ``optax.apply_if_finite`` so that it keeps the params and the
+  optimizer state too (its ``total_notfinite`` counts the skipped steps).
+  """
 
   def loss_fn(w_eff, batch_stats, images, labels):
     variables = {"params": w_eff, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -123,12 +130,41 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     w_eff = effective_or_dense(state.params, state.opt_state)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         w_eff, state.batch_stats, images, labels)
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & all_finite(grads)
+      batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), batch_stats,
+                                 state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params, batch_stats, saved = og.sync_rewind(optax.apply_updates(state.params, updates),
                                                 opt_state, batch_stats, state.rewind_stats)
     return TrainState(params, batch_stats, opt_state, saved), loss
 
   return step
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every float leaf of ``tree`` is finite (a bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def first_nonfinite_leaf(tree: PyTree) -> str | None:
+  """The path of the first leaf of ``tree`` (in flattening order) holding a NaN or an infinity,
+  or ``None``; reads the tree on the host."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+      return _paths.path_str(path)
+  return None
+
+
+def collapsed_layers(masks: PyTree | None) -> list[str]:
+  """The paths of the mask leaves that keep no weight (the layer is pruned to 100 %: the
+  network is disconnected there); ``[]`` for ``None``."""
+  if masks is None:
+    return []
+  return [name for name, leaf in og.sparsity_summary(masks).leaves.items() if int(leaf.kept) == 0]
 
 
 def make_eval_step(model: nn.Module) -> Callable[..., jax.Array]:
@@ -176,7 +212,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
     order = rng.permutation(len(train.labels))[:steps_per_epoch * batch_size]
     batches = ({"image": train.images[idx], "label": train.labels[idx]}
                for idx in order.reshape(steps_per_epoch, batch_size))
-    state, loss, masks = run_epoch(step, state, batches, steps_per_epoch)
+    state, loss, masks, *_ = run_epoch(step, state, batches, steps_per_epoch)
     trained = with_masks_in_use(state, masks)
     accuracies.append(int(evaluate(trained, test.images, test.labels)) / len(test.labels))
     losses.append(float(loss))
@@ -190,11 +226,16 @@ Batch = dict[str, np.ndarray]
 
 
 class Epoch(NamedTuple):
-  """What :func:`run_epoch` returns: the ``state`` after the last update, the mean ``loss`` (a
-  device scalar) and a copy of the ``masks`` the last forward pass used (``None`` if dense)."""
+  """What :func:`run_epoch` returns: the ``state`` after the last update, the mean ``loss`` of
+  its steps with a finite loss (a device scalar; NaN if none), a copy of the ``masks`` the last
+  forward pass used (``None`` if dense), the number of steps whose loss was not finite
+  (``nonfinite``, device int32) and the index of the first of them (``first_nonfinite``, -1 if
+  none): counted on the device, read once per epoch."""
   state: TrainState
   loss: jax.Array
   masks: PyTree | None
+  nonfinite: jax.Array
+  first_nonfinite: jax.Array
 
 
 def run_epoch(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainState,
@@ -208,16 +249,28 @@ def run_epoch(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainSta
   epoch.masks)``: the trained weights with the masks they were trained with.
   """
   total, masks = jnp.zeros((), jnp.float32), None
+  bad, first = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
   batches = iter(batches)
   for i in range(num_steps):
     batch = next(batches)
     if i == num_steps - 1:
       masks = masks_in_use(state.opt_state)
     state, loss = step(state, batch["image"], batch["label"])
-    total += loss
+    total, bad, first = _tally(total, bad, first, loss, i)
     if on_step is not None:
       on_step(i, loss)
-  return Epoch(state, total / max(num_steps, 1), masks)
+  finite_steps = num_steps - bad
+  return Epoch(state, total / jnp.maximum(finite_steps, 1) + jnp.where(finite_steps > 0, 0.0,
+                                                                      jnp.nan),
+               masks, bad, first)
+
+
+@jax.jit
+def _tally(total, bad, first, loss, i):
+  """One step's loss into the epoch's sum of finite losses and its count of non-finite ones."""
+  finite = jnp.isfinite(loss)
+  return (total + jnp.where(finite, loss, 0.0), bad + (~finite).astype(jnp.int32),
+          jnp.where((first < 0) & ~finite, i, first))
 
 
 def run_steps(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainState,

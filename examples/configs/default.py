@@ -77,6 +77,7 @@ class Config:
   train_examples: int | None = None  # train on the first N examples only
   test_examples: int | None = None  # evaluate on the first N examples only
   dense_baseline: bool | None = None  # also train the dense model; None: on for mnist5k
+  skip_nonfinite: bool = False  # skip steps with a non-finite loss (optax.apply_if_finite)
   methods: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=lambda: {name: dict(options) for name, options in METHODS.items()})
   model_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(

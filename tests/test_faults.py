@@ -1,0 +1,134 @@
+"""Bad numbers stop the main job clearly, or are skipped on request, and metrics.jsonl stays
+strict JSON; a layer pruned to 100 % is flagged (issue 14, items 2 and 3)."""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optg_jax as og
+from optg_jax import training
+from test_train import SPE, _final_checkpoint, _main, _metrics, _tiny
+from test_train import data_dir  # noqa: F401  (the fixture)
+
+POISONED_EPOCH, POISONED_INDEX = 2, 1  # the second batch of epoch 2: step SPE + 2
+
+
+def _poison(monkeypatch):
+  """Epoch 2's second batch gets NaN images (a corrupt record, as a user would meet one)."""
+  run_epoch, calls = training.run_epoch, []
+
+  def run(step, state, batches, num_steps, on_step=None):
+    calls.append(num_steps)
+
+    def feed():
+      for i, batch in enumerate(batches):
+        if len(calls) == POISONED_EPOCH and i == POISONED_INDEX:
+          batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        yield batch
+
+    return run_epoch(step, state, feed(), num_steps, on_step)
+
+  monkeypatch.setattr(training, "run_epoch", run)
+
+
+def _strict_records(workdir):
+  def refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line, parse_constant=refuse) for line in lines]
+
+
+def test_a_nan_batch_stops_the_run_naming_the_step(tmp_path, data_dir, monkeypatch, capsys):
+  _poison(monkeypatch)
+  status = _main(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path,
+                       "--no-dense-baseline", epochs=3))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status == 1 and len(err) == 1
+  step = (POISONED_EPOCH - 1) * SPE + POISONED_INDEX + 1
+  assert f"non-finite loss at step {step} (epoch {POISONED_EPOCH})" in err[0]
+  assert "first non-finite leaf: " in err[0] and "--skip-nonfinite" in err[0]
+  records = _strict_records(tmp_path)
+  assert [r["epoch"] for r in records] == [1, 2] and records[1]["loss"] is None
+  assert math.isfinite(records[0]["loss"]) and records[1]["nonfinite_steps"] >= 1
+  assert _final_checkpoint(tmp_path)[0] == SPE  # the last good epoch's checkpoint is kept
+  assert not (tmp_path / "summary.json").exists()
+
+
+def test_skip_nonfinite_survives_a_nan_batch_and_counts_it(tmp_path, data_dir, monkeypatch):
+  _poison(monkeypatch)
+  assert _main(_tiny(data_dir, "--method", "optg", "--workdir", tmp_path,
+                     "--no-dense-baseline", "--skip-nonfinite", epochs=3)) == 0
+  records = _strict_records(tmp_path)
+  assert [r.get("skipped_steps", 0) for r in records] == [0, 1, 0]
+  assert all(math.isfinite(r["loss"]) for r in records)
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["skipped_steps"] == 1 and result["test_accuracy"] > 0.1
+  assert "1 step(s) with a non-finite loss skipped" in (tmp_path / "summary.txt").read_text()
+
+
+class _WithBatchNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(10)(nn.relu(x))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_skipped_step_leaves_the_whole_state_untouched(jit):
+  model = _WithBatchNorm()
+  tx = optax.apply_if_finite(optax.chain(og.magnitude(0.5), optax.sgd(0.1, momentum=0.9)), 5)
+  rng = np.random.default_rng(0)
+  images, labels = rng.random((3, 8, 4, 4, 1), np.float32), rng.integers(0, 10, (3, 8))
+  images[1, 3] = np.nan
+  step = training.make_train_step(model, tx, skip_nonfinite=True)
+  step = jax.jit(step) if jit else step
+  state = training.init(model, tx, images[0, :1], seed=0)
+  state, _ = step(state, images[0], labels[0])
+  before = state
+  state, loss = step(state, images[1], labels[1])
+  assert not np.isfinite(float(loss))
+  for name in ("params", "batch_stats", "rewind_stats"):
+    for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(state, name))):
+      np.testing.assert_array_equal(a, b)
+  inner_before, inner_after = before.opt_state.inner_state, state.opt_state.inner_state
+  for a, b in zip(jax.tree.leaves(inner_before), jax.tree.leaves(inner_after)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.opt_state.total_notfinite) == 1
+  state, loss = step(state, images[2], labels[2])  # and training goes on
+  assert np.isfinite(float(loss)) and bool(training.all_finite(state.params))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.batch_stats),
+                                                      jax.tree.leaves(state.batch_stats)))
+
+
+def test_run_epoch_counts_nonfinite_steps_on_the_device():
+  losses = iter([1.0, np.nan, 3.0, np.inf])
+  step = lambda state, images, labels: (state, jnp.float32(next(losses)))
+  batches = ({"image": None, "label": None} for _ in range(4))
+  epoch = training.run_epoch(step, training.TrainState({}, {}, optax.identity().init({})),
+                             batches, 4)
+  assert int(epoch.nonfinite) == 2 and int(epoch.first_nonfinite) == 1
+  assert float(epoch.loss) == 2.0  # the mean of the finite losses
+
+
+def test_first_nonfinite_leaf_and_collapsed_layers():
+  tree = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"bias": jnp.array([0.0, jnp.inf]),
+                                                  "kernel": jnp.array([[jnp.nan]])}}
+  assert training.first_nonfinite_leaf(tree) == "b/bias"
+  assert training.first_nonfinite_leaf({"a": jnp.ones(3)}) is None
+  masks = {"fc1": {"kernel": jnp.ones((3, 2), bool), "bias": jnp.array(True)},
+           "fc2": {"kernel": jnp.zeros((2, 2), bool), "bias": jnp.array(True)}}
+  assert training.collapsed_layers(masks) == ["fc2/kernel"]
+  assert training.collapsed_layers(None) == []
+
+
+def test_metrics_lines_are_strict_json():
+  from test_train import train
+  line = train.json_line({"loss": float("nan"), "acc": 0.5, "x": float("inf"), "n": 3})
+  assert json.loads(line) == {"loss": None, "acc": 0.5, "x": None, "n": 3}
