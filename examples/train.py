@@ -179,7 +179,8 @@ def train_run(cfg: Config, workdir: pathlib.Path, *, data_dir: str | None = None
   try:
     elapsed = 0.0
     if mngr.latest_step() is not None:
-      ckpt, meta = checkpoint.restore(mngr, ckpt, iterator=setup.train_it)
+      ckpt, meta = checkpoint.restore_newest_good(
+          mngr, ckpt, iterator=setup.train_it, report=lambda line: print(line, flush=True))
       elapsed = meta["seconds"]
     else:
       write_json(workdir / "config.json", cfg.to_json())

@@ -87,16 +87,42 @@ def latest_step(directory: PathLike) -> int | None:
   return max(ocp.utils.checkpoint_steps(directory), default=None)
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint restored to arrays whose checksum differs from the one saved with them."""
+
+
+@jax.jit
+def _leaf_sums(tree: PyTree) -> list[jax.Array]:
+  def one(x):
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_:
+      words = x.astype(jnp.uint32)
+    else:
+      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+      words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * 2 + 1  # position-dependent, odd
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+  return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def checksum(tree: PyTree) -> str:
+  """A checksum of every array's bits (hex), computed on the device: one weighted sum mod
+  2^32 per leaf, so a changed, zeroed or shifted byte shows."""
+  return "-".join(f"{int(v):08x}" for v in jax.device_get(_leaf_sums(tree)))
+
+
 def save(mngr: ocp.CheckpointManager, ckpt: Checkpoint, *,
          iterator: grain.DatasetIterator | None = None,
          metadata: dict[str, Any] | None = None) -> None:
   """Saves ``ckpt`` as step ``ckpt.step``, with the iterator's position and ``metadata``.
 
   The iterator's state is read now, so it may advance as soon as this returns. ``metadata``
-  must be JSON-serialisable.
+  must be JSON-serialisable; the arrays' :func:`checksum` is added to it (``"checksum"``), and
+  :func:`restore` verifies it.
   """
+  metadata = {**(metadata or {}), "checksum": checksum(ckpt)}
   items = {"state": ocp.args.StandardSave(ckpt),
-           "metadata": ocp.args.JsonSave(metadata or {})}
+           "metadata": ocp.args.JsonSave(metadata)}
   if iterator is not None:
     items["iterator"] = grain.checkpoint.CheckpointSave(iterator)
   mngr.save(int(ckpt.step), args=ocp.args.Composite(**items), force=True)
@@ -111,6 +137,7 @@ def restore(mngr: ocp.CheckpointManager, target: Checkpoint, *,
 
   Raises:
     FileNotFoundError: the manager holds no checkpoint (or not ``step``).
+    CorruptCheckpointError: the restored arrays do not match the checksum saved with them.
   """
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
@@ -120,4 +147,34 @@ def restore(mngr: ocp.CheckpointManager, target: Checkpoint, *,
   if iterator is not None:
     items["iterator"] = grain.checkpoint.CheckpointRestore(iterator)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return Restored(Checkpoint(*restored["state"]), dict(restored["metadata"] or {}))
+  ckpt, metadata = Checkpoint(*restored["state"]), dict(restored["metadata"] or {})
+  if "checksum" in metadata and checksum(ckpt) != metadata["checksum"]:
+    raise CorruptCheckpointError(f"checkpoint {step} in {mngr.directory}: its arrays do not "
+                                 "match the checksum saved with them")
+  return Restored(ckpt, metadata)
+
+
+def restore_newest_good(mngr: ocp.CheckpointManager, target: Checkpoint, *,
+                        iterator: grain.DatasetIterator | None = None,
+                        report: Any = print) -> Restored:
+  """:func:`restore` of the newest checkpoint that restores: a truncated or corrupted one
+  (orbax or tensorstore raise on it, e.g. ``DATA_LOSS``) is reported in one line through
+  ``report``, moved aside to ``corrupt-<step>`` in the same directory (kept for inspection,
+  out of the manager's way) and the one before is tried.
+
+  Raises:
+    FileNotFoundError: no checkpoint at all, or none that restores (the last error chained).
+  """
+  error = None
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return restore(mngr, target, iterator=iterator, step=step)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read the step)
+      error = e
+      first_line = (str(e).strip().splitlines() or [""])[0][:160]
+      aside = os.path.join(str(mngr.directory), f"corrupt-{step}")
+      os.replace(os.path.join(str(mngr.directory), str(step)), aside)
+      mngr.reload()
+      report(f"checkpoint {step} cannot be restored ({type(e).__name__}: {first_line}); "
+             f"moved to {aside}, trying the one before")
+  raise FileNotFoundError(f"no checkpoint in {mngr.directory} restores") from error

@@ -3,6 +3,7 @@ strict JSON; a layer pruned to 100 % is flagged (issue 14, items 2 and 3)."""
 
 import json
 import math
+import shutil
 
 import flax.linen as nn
 import jax
@@ -13,8 +14,8 @@ import pytest
 
 import optg_jax as og
 from optg_jax import training
-from test_train import SPE, _final_checkpoint, _main, _metrics, _tiny
-from test_train import data_dir  # noqa: F401  (the fixture)
+from test_train import SPE, _final_checkpoint, _main, _same_outcome, _tiny
+from test_train import data_dir, uninterrupted  # noqa: F401  (the fixtures)
 
 POISONED_EPOCH, POISONED_INDEX = 2, 1  # the second batch of epoch 2: step SPE + 2
 
@@ -132,3 +133,38 @@ def test_metrics_lines_are_strict_json():
   from test_train import train
   line = train.json_line({"loss": float("nan"), "acc": 0.5, "x": float("inf"), "n": 3})
   assert json.loads(line) == {"loss": None, "acc": 0.5, "x": None, "n": 3}
+
+
+def _corrupt(step_dir, how):
+  files = sorted((step_dir / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+  data = files[-1]  # the largest array data file
+  size = data.stat().st_size
+  if how == "truncate":
+    with open(data, "r+b") as f:
+      f.truncate(size // 2)
+  else:
+    with open(data, "r+b") as f:
+      f.seek(size // 2)
+      f.write(b"\x00corrupt\xff" * 4)
+
+
+@pytest.mark.parametrize("how", ["overwrite", "truncate"])
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(how, tmp_path, data_dir,
+                                                                 uninterrupted, capsys):
+  shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+  newest = 3 * SPE
+  _corrupt(tmp_path / "checkpoints" / str(newest), how)
+  assert _main(["--resume", "--workdir", tmp_path, "--data-dir", data_dir]) == 0
+  out = capsys.readouterr().out
+  assert f"checkpoint {newest} cannot be restored" in out and "trying the one before" in out
+  assert (tmp_path / "checkpoints" / f"corrupt-{newest}").is_dir()
+  _same_outcome(tmp_path, uninterrupted)  # epoch 3 trained again from epoch 2, bitwise
+
+
+def test_checksum_sees_a_changed_bit():
+  from optg_jax import checkpoint
+  tree = {"w": jnp.arange(12.0).reshape(3, 4), "m": jnp.ones(5, bool), "k": jnp.arange(3)}
+  flipped = {**tree, "w": tree["w"].at[2, 1].set(np.nextafter(np.float32(9.0), 10))}
+  swapped = {**tree, "w": tree["w"][::-1]}
+  sums = {checkpoint.checksum(t) for t in (tree, flipped, swapped)}
+  assert len(sums) == 3 and checkpoint.checksum(tree) == checkpoint.checksum(dict(tree))
