@@ -6,8 +6,8 @@ Each method of ``optg_jax.recipes.names()`` runs its reference chain
 supermask's FCN) and its recipe's weight init (``recipes.init_params``), at each sparsity and
 seed, for ``--epochs`` epochs at batch 100 on the 4,000 training digits, and is scored on the
 1,000 test digits with its final model (``training.final_state``: OptG's top scores at ``P``).
-A recipe with a ``total_epochs`` attribute (methods with rounds: an int, or a callable of the
-budget ``epochs``) trains for that many epochs instead, and the board says so.
+Methods with rounds (lottery tickets, Continuous Sparsification, RST) take ``--epochs`` per
+round and train ``recipes.total_epochs`` in all, as the main job does; the board says so.
 
 Methods without a sparsity target (``dense``, ``signed_supermask``, see :data:`NO_TARGET`) run
 once per seed; every row reports the sparsity the final masks reached.
@@ -43,7 +43,7 @@ from optg_jax import recipes
 from optg_jax import training
 
 BATCH = 100
-NO_TARGET = ("dense", "signed_supermask")
+NO_TARGET = ("dense", "signed_supermask", "continuous_sparsification")
 """Methods whose sparsity is not an input (the recipe ignores it): run once per seed, with the
 target recorded as ``None``."""
 
@@ -64,13 +64,13 @@ def job_presets() -> tuple[dict[str, Any], dict[str, Any]]:
   return dict(module.METHODS), dict(module.MODEL_OPTIONS)
 
 
-def epochs_used(method: str, epochs: int) -> int:
-  """The epochs ``method`` trains for on a budget of ``epochs``: its recipe's ``total_epochs``
-  (an int, or a callable of ``epochs``) where it has one, else ``epochs``."""
-  total = getattr(recipes.get_recipe(method), "total_epochs", None)
-  if total is None:
-    return epochs
-  return int(total(epochs) if callable(total) else total)
+def epochs_used(method: str, epochs: int, sparsity: float | None = None,
+                options: dict[str, Any] | None = None) -> int:
+  """The epochs ``method`` trains for with rounds of ``epochs`` (``recipes.total_epochs``:
+  ``epochs`` for methods without rounds)."""
+  if options is None:
+    options = job_presets()[0].get(method, {})
+  return recipes.total_epochs(method, sparsity or 0.0, epochs, **options)
 
 
 class _Reinit:
@@ -99,10 +99,10 @@ def run_cell(method: str, sparsity: float | None, seed: int, epochs: int, *,
   train, test = data.load_mnist_5k(seed=seed)
   train = data.Split(train.images[:train_examples], train.labels[:train_examples])
   test = data.Split(test.images[:test_examples], test.labels[:test_examples])
-  used = epochs_used(method, epochs)
+  used = epochs_used(method, epochs, sparsity, options)
   tx = recipes.make_optimizer(method, sparsity or 0.0,
                               steps_per_epoch=len(train.labels) // BATCH,
-                              epochs=used, seed=seed, **options)
+                              epochs=epochs, seed=seed, **options)
   model = models.get_model("lenet300100", **model_options.get(method, {}))
   wrapped = _Reinit(model, lambda p: recipes.init_params(method, p, seed, **options))
   start = time.perf_counter()

@@ -85,3 +85,5 @@ def test_every_registered_method_is_in_the_default_sweep(sweep_module):
   assert {m for m, _, _ in todo} == set(recipes.names())
   assert [(p, s) for m, p, s in todo if m == "dense"] == [(None, 0), (None, 1)]
   assert sweep_module.epochs_used("optg", 7) == 7
+  assert sweep_module.epochs_used("lottery_ticket", 7, 0.5) == 5 * 7  # 4 levels after dense
+  assert sweep_module.epochs_used("continuous_sparsification", 7) == 4 * 7

@@ -72,7 +72,8 @@ def test_round_trip_of_optg_state_and_iterator(tmp_path, data_dir, run):
   restored, metadata = checkpoint.restore(checkpoint.manager(tmp_path / "ckpt"),
                                           checkpoint.new(run.fresh, seed=0), iterator=other)
   _assert_trees_equal(restored, ckpt)
-  assert metadata == {"config": {"method": "optg"}, "seconds": 1.5}
+  assert metadata == {"config": {"method": "optg"}, "seconds": 1.5,
+                      "checksum": checkpoint.checksum(restored)}
   assert other.get_state() == {"step": 5}
   for want in expected_next:
     got = next(other)
