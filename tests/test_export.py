@@ -2,6 +2,7 @@
 sparse inference equal to the masked dense model; damaged files refused; the benchmark's quick
 mode."""
 
+import functools
 import json
 import os
 import pathlib
@@ -208,7 +209,7 @@ def test_sparse_apply_runs_a_conv_net_with_batch_stats_through_the_dense_fallbac
   from optg_jax import models  # pylint: disable=import-outside-toplevel  (the flax extra)
   model = models.get_model("resnet20", 10)
   x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
   values, masks = export.compact_params(variables["params"],
                                         og.magnitude(0.9).init(variables["params"]))
   keep = {"params": masks, "batch_stats": jax.tree.map(lambda _: True, variables["batch_stats"])}
@@ -217,6 +218,7 @@ def test_sparse_apply_runs_a_conv_net_with_batch_stats_through_the_dense_fallbac
   leaves = jax.tree.leaves(sparse_vars, is_leaf=export.is_sparse)
   assert sum(map(export.is_sparse, leaves)) == 1  # the classifier; 4-D conv kernels dense
   out = export.sparse_apply(model, sparse_vars, x, train=False)
-  masked = model.apply({**variables, "params": og.apply_masks(values, masks)}, x, train=False)
+  masked = jax.jit(functools.partial(model.apply, train=False))(
+      {**variables, "params": og.apply_masks(values, masks)}, x)
   scale = float(jnp.max(jnp.abs(masked)))
   np.testing.assert_allclose(out, masked, rtol=1e-5, atol=1e-5 * scale)

@@ -64,7 +64,8 @@ def test_checkpoint_round_trip_of_an_nnx_state(tmp_path, trained):
   tx_state = jax.tree.map(jnp.zeros_like, opt_state)
   target = checkpoint.new({"params": fresh_params, "opt_state": tx_state}, seed=0)
   restored, metadata = checkpoint.restore(checkpoint.manager(tmp_path / "ckpt"), target)
-  assert metadata == {"note": "nnx"} and int(restored.step) == 40
+  assert metadata == {"note": "nnx", "checksum": checkpoint.checksum(restored)}
+  assert int(restored.step) == 40
   assert isinstance(restored.state["params"], nnx.State)
   assert jax.tree.structure(restored.state) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state)):
