@@ -154,10 +154,11 @@ def get_masks(opt_state: Any) -> PyTree:
 def final_masks(params: PyTree, opt_state: Any, sparsity: float | None = None) -> PyTree:
   """The bool masks of the final model (the params' treedef).
 
-  The method's state knows how it selects: OptG takes the exact top-k of its final scores at the
-  full target (its last scheduled refresh was at ``p_{E-1} ≤ P``), with the ``distribution``,
-  ``exclude``, ``layer_axes``, ... it was built with; the pruning baselines hold their final mask
-  already. Works inside ``jax.jit`` (``sparsity`` static).
+  The method's state knows how it selects: OptG takes the top-k of its final scores at the full
+  target with the ``distribution``, ``exclude``, ``layer_axes`` and ``selection_rule`` it was
+  built with (exactly ``k`` by default; ties kept with ``selection_rule='reference'``); the
+  pruning baselines and the methods with rounds hold their final mask already (Continuous
+  Sparsification: its ticket ``[s > 0]``). Works inside ``jax.jit`` (``sparsity`` static).
 
   Args:
     params: the trained params.
