@@ -196,7 +196,7 @@ def _budget(cfg: train.Config) -> str:
   options = cfg.method_options
   if cfg.method == "lottery_ticket":
     rate = options.get("rate", 0.2)
-    levels = options.get("levels") or recipes.lottery_levels(cfg.sparsity, rate)
+    levels = recipes.lottery_levels(cfg.sparsity, rate, options.get("levels"))
     return (f"{levels} IMP levels reaching sparsity {1 - (1 - rate) ** levels:.4f} ({cfg.epochs} "
             f"epochs each, rewound to epoch {options.get('rewind_epoch', 0)}): {total} epochs")
   if cfg.method == "continuous_sparsification":

@@ -262,9 +262,8 @@ def _check_finite(cfg, state, nonfinite, first_bad, epoch, spe, metrics_path) ->
   """Stops the run (``NonFiniteError``) after an epoch with a non-finite loss, or, with
   ``--skip-nonfinite``, after an epoch of only non-finite steps or with non-finite weights;
   the epoch is logged (``null`` loss) and not checkpointed."""
-  if cfg.skip_nonfinite and nonfinite < spe and bool(training.all_finite(state.params)):
-    return
-  if not nonfinite and bool(training.all_finite(state.params)):
+  tolerated = nonfinite < spe if cfg.skip_nonfinite else nonfinite == 0
+  if tolerated and bool(training.all_finite(state.params)):
     return
   step = (epoch - 1) * spe + max(first_bad, 0) + 1
   leaf = (training.first_nonfinite_leaf(state.params) or

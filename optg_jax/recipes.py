@@ -287,8 +287,11 @@ def _weights_sgd(learning_rate, weight_decay, momentum, nesterov=False):
                      optax.sgd(learning_rate, momentum, nesterov=nesterov))
 
 
-def lottery_levels(sparsity: float, rate: float = 0.2) -> int:
-  """The fewest IMP levels whose sparsity ``1 − (1 − rate)^L`` reaches ``sparsity``."""
+def lottery_levels(sparsity: float, rate: float = 0.2, levels: int | None = None) -> int:
+  """IMP's levels: ``levels`` where given, else the fewest whose sparsity ``1 − (1 − rate)^L``
+  reaches ``sparsity``."""
+  if levels is not None:
+    return levels
   levels = 0
   while 1.0 - (1.0 - rate) ** levels < sparsity - 1e-12:
     levels += 1
@@ -301,16 +304,15 @@ def _lottery(sparsity, *, learning_rate, steps_per_epoch, epochs, seed, weight_d
   ``rate`` of the survivors, each level a training of ``epochs`` (from ``rewind_epoch`` after a
   rewind) on the job's schedule resumed at the rewind step."""
   del seed
-  levels = lottery_levels(sparsity, rate) if levels is None else levels
-  return og.lottery_ticket(levels, epochs * steps_per_epoch,
+  return og.lottery_ticket(lottery_levels(sparsity, rate, levels), epochs * steps_per_epoch,
                            _weights_sgd(learning_rate, weight_decay, momentum),
                            rewind_step=rewind_epoch * steps_per_epoch, rate=rate, **options)
 
 
 def _lottery_epochs(sparsity, epochs, *, rewind_epoch=0, rate=0.2, levels=None, **unused):
   del unused
-  levels = lottery_levels(sparsity, rate) if levels is None else levels
-  return og.methods.lottery.total_steps(levels, epochs, rewind_epoch)
+  return og.methods.lottery.total_steps(lottery_levels(sparsity, rate, levels), epochs,
+                                        rewind_epoch)
 
 
 def _continuous_sparsification(sparsity, *, learning_rate, steps_per_epoch, epochs, seed,
@@ -359,7 +361,8 @@ def rst_extrusion(steps: int, *, cycles: int = 1, extrusion_lr: float = 1e-3,
   if extrusion_dose is not None:
     dose = (og.methods.rst.extrusion_dose(1e-3) if extrusion_dose == "reference"
             else float(extrusion_dose))
-    per_unit = ramp * (ramp + 1) / 2 + (per_cycle - ramp) * ramp  # Σ_t λ_t / η
+    per_unit = og.methods.rst.extrusion_dose(  # Σ_t λ_t at η = 1, the same ramp and hold
+        1.0, granularity=1.0, interval=1, upper_limit=ramp - 0.5, stabilize=per_cycle - ramp)
     upper_limit = dose / (extrusion_lr * per_unit) * (ramp - 0.5)
   return {"granularity": upper_limit / (ramp - 0.5), "interval": 1, "upper_limit": upper_limit,
           "stabilize": per_cycle - ramp}

@@ -160,20 +160,22 @@ def continuous_sparsification(
     return _trees.fill_true(_trees.map_prunable(lambda s: soft_mask(s, beta, s0), logits),
                             params)
 
+  def initial_logits(params, prunable):
+    return _trees.map_prunable(lambda z: z + jnp.float32(s0), _trees.zeros(params, prunable))
+
   def init_aux(params, prunable):
-    logits = _trees.map_prunable(lambda z: z + jnp.float32(s0), _trees.zeros(params, prunable))
+    logits = initial_logits(params, prunable)
     return CSAux(logits, logit_tx.init(logits))
 
   def init_masks(params, prunable):
-    return soft(init_aux(params, prunable).logits, params, 0)
+    return soft(initial_logits(params, prunable), params, 0)
 
   def search_step(grads, state, params):
     logits, logit_state = state.aux
     beta = temperature(state.round_step // spe, epochs, final_temperature)
-    weighted = jax.tree.map(lambda g, w: g * w, grads, params)
-    logit_grads = _trees.map_prunable(
-        lambda s, gw: jax.vjp(lambda x: soft_mask(x, beta, s0), s)[1](gw + penalty)[0],
-        logits, weighted)
+    logit_grads = _trees.map_prunable(  # dL/dm = G ⊙ W, plus the penalty's λ
+        lambda s, g, w: jax.vjp(lambda x: soft_mask(x, beta, s0), s)[1](g * w + penalty)[0],
+        logits, grads, params)
     updates, logit_state = logit_tx.update(logit_grads, logit_state, logits)
     logits = optax.apply_updates(logits, updates)
     masks = soft(logits, params, state.round_step + 1)
