@@ -52,6 +52,8 @@ def test_total_epochs_of_the_recipes():
   assert recipes.total_epochs("rst", SPARSITY, 4) == 6
   assert recipes.total_epochs("optg", SPARSITY, EPOCHS) == EPOCHS
   assert recipes.lottery_levels(0.9) == 11 and recipes.lottery_levels(0.2) == 1
+  assert recipes.lottery_levels(0.9, levels=0) == 0  # given levels win, 0 included
+  assert recipes.total_epochs("lottery_ticket", 0.9, EPOCHS, levels=0) == EPOCHS
 
 
 @pytest.mark.slow
