@@ -5,6 +5,7 @@ from optg_jax import export
 from optg_jax import initializers
 from optg_jax import masks
 from optg_jax import methods
+from optg_jax import multihost
 from optg_jax import optimizers
 from optg_jax import parallel
 from optg_jax import schedules
@@ -54,6 +55,7 @@ __all__ = (
     "mask_optimizer",
     "masks",
     "methods",
+    "multihost",
     "optg",
     "optimizers",
     "parallel",

@@ -18,7 +18,7 @@ collectives; on a GPU or TPU cluster ``initialize()`` without arguments detects 
   multihost.initialize("localhost:12355", num_processes=2, process_id=int(sys.argv[1]),
                        local_device_count=2)            # before any other JAX call
   model = models.get_model("lenet300100")
-  tx = optax.chain(og.mask_optimizer(0.9, 0.05, steps_per_epoch=5, total_epochs=2),
+  tx = optax.chain(og.mask_optimizer(0.9, 0.05, steps_per_epoch=5, total_epochs=2, ramp="budget"),
                    optax.sgd(0.05, momentum=0.9))
   mesh = multihost.global_mesh(batch_size=64)          # 4 devices over 2 processes
   rows = multihost.local_rows(64, mesh)                # this process's slice of a global batch
