@@ -122,8 +122,8 @@ def global_mesh(batch_size: int | None = None, *, axis_name: str = parallel.DATA
                    key=lambda d: (d.process_index, d.id))
   if batch_size is not None and (not _is_int(batch_size) or batch_size < 1
                                  or batch_size % max(len(devices), 1)):
-    raise ValueError(f"batch_size must be a positive multiple of the {len(devices)} devices "
-                     f"of all processes, got {batch_size!r}")
+    raise ValueError(f"batch_size must be a positive multiple of the mesh's {len(devices)} "
+                     f"devices, got {batch_size!r}")
   return parallel.local_mesh(axis_name=axis_name, devices=devices)
 
 
