@@ -13,14 +13,19 @@ elapsed time)::
   ...
   ckpt, metadata = checkpoint.restore(mngr, target, iterator=it)  # latest step
 
-Saving is asynchronous and atomic (orbax writes a temporary directory and renames it when
-complete, so a crash never leaves a half-written step behind), and the manager keeps the last
+Saving is asynchronous and atomic (orbax writes a temporary directory,
+``<step>.orbax-checkpoint-tmp``, and renames it to ``<step>`` when complete, so a crash mid-save
+never leaves a half-written step that reads as a checkpoint), and the manager keeps the last
 ``max_to_keep`` steps. Call ``mngr.wait_until_finished()`` (or ``mngr.close()``) before exiting.
+The temporary directory of a save cut off before its commit (a SIGKILL, a preemption) is removed,
+in one reported line, by :func:`restore_newest_good`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from typing import Any, NamedTuple
 
 import jax
@@ -162,9 +167,14 @@ def restore_newest_good(mngr: ocp.CheckpointManager, target: Checkpoint, *,
   ``report``, moved aside to ``corrupt-<step>`` in the same directory (kept for inspection,
   out of the manager's way) and the one before is tried.
 
+  A save cut off before its commit left only its temporary directory
+  (``<step>.orbax-checkpoint-tmp``, never read as a checkpoint): it is removed first, reported in
+  one line.
+
   Raises:
     FileNotFoundError: no checkpoint at all, or none that restores (the last error chained).
   """
+  _discard_uncommitted(mngr, report)
   error = None
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
@@ -178,3 +188,20 @@ def restore_newest_good(mngr: ocp.CheckpointManager, target: Checkpoint, *,
       report(f"checkpoint {step} cannot be restored ({type(e).__name__}: {first_line}); "
              f"moved to {aside}, trying the one before")
   raise FileNotFoundError(f"no checkpoint in {mngr.directory} restores") from error
+
+
+_UNCOMMITTED = re.compile(r"(\d+)" + re.escape(ocp.path.step.TMP_DIR_SUFFIX))
+
+
+def _discard_uncommitted(mngr: ocp.CheckpointManager, report: Any) -> None:
+  """Removes the temporary directories of saves that never committed (once this manager's own
+  saves have finished), each reported in one line."""
+  mngr.wait_until_finished()
+  directory = str(mngr.directory)
+  for name in sorted(os.listdir(directory)):
+    found = _UNCOMMITTED.match(name)
+    if found is None or not os.path.isdir(os.path.join(directory, name)):
+      continue
+    shutil.rmtree(os.path.join(directory, name))
+    report(f"checkpoint {found.group(1)} was cut off mid-save and never committed; removed "
+           f"{os.path.join(directory, name)}")

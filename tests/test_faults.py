@@ -3,7 +3,12 @@ strict JSON; a layer pruned to 100 % is flagged (issue 14, items 2 and 3)."""
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -14,7 +19,7 @@ import pytest
 
 import optg_jax as og
 from optg_jax import training
-from test_train import SPE, _final_checkpoint, _main, _same_outcome, _tiny
+from test_train import ROOT, SPE, _final_checkpoint, _main, _same_outcome, _tiny
 from test_train import data_dir, uninterrupted  # noqa: F401  (the fixtures)
 
 POISONED_EPOCH, POISONED_INDEX = 2, 1  # the second batch of epoch 2: step SPE + 2
@@ -168,3 +173,59 @@ def test_checksum_sees_a_changed_bit():
   swapped = {**tree, "w": tree["w"][::-1]}
   sums = {checkpoint.checksum(t) for t in (tree, flipped, swapped)}
   assert len(sums) == 3 and checkpoint.checksum(tree) == checkpoint.checksum(dict(tree))
+
+
+# A child job that SIGKILLs itself in the middle of its second checkpoint save (epoch 2's, step
+# 2 * SPE), in orbax's own save path: "arrays" after the train state's arrays are written into
+# the step's temporary directory, before they are merged and anything is committed; "commit"
+# once every item is written and the commit-success file too, before the rename that commits.
+KILLED_IN_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {examples!r})
+    import main
+    from orbax.checkpoint._src.path import async_path
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    where, merges, renames = {where!r}, [], []
+    merge, rename = ocdbt_utils.merge_ocdbt_per_process_files, async_path.rename
+
+    async def merge_or_die(directory, *args, **kwargs):
+      merges.append(directory)
+      if where == "arrays" and len(merges) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await merge(directory, *args, **kwargs)
+
+    async def rename_or_die(src, dst):
+      if dst.parent.name == "checkpoints":  # a step directory's commit, not an item's
+        renames.append(dst)
+        if where == "commit" and len(renames) == 2:
+          os.kill(os.getpid(), signal.SIGKILL)
+      return await rename(src, dst)
+
+    ocdbt_utils.merge_ocdbt_per_process_files = merge_or_die
+    async_path.rename = rename_or_die
+    sys.exit(main.main({argv!r}, prog="train.py"))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["arrays", "commit"])
+def test_sigkill_during_a_save_then_resume_is_bitwise(where, tmp_path, data_dir, uninterrupted,
+                                                      capsys):
+  argv = [str(a) for a in _tiny(data_dir, "--method", "optg", "--workdir", tmp_path,
+                                "--no-dense-baseline", epochs=3)]
+  code = KILLED_IN_SAVE.format(examples=str(ROOT / "examples"), where=where, argv=argv)
+  child = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=dict(os.environ), timeout=300)
+  assert child.returncode == -signal.SIGKILL
+  ckpts = tmp_path / "checkpoints"
+  partial = ckpts / f"{2 * SPE}.orbax-checkpoint-tmp"
+  assert {p.name for p in ckpts.iterdir()} == {str(SPE), partial.name}
+  assert any(partial.rglob("d/*"))  # array data written ...
+  assert (partial / "state").is_dir() == (where == "commit")  # ... and never committed
+  assert _final_checkpoint(tmp_path)[0] == SPE
+
+  assert _main(["--resume", "--workdir", tmp_path, "--data-dir", data_dir]) == 0
+  out = capsys.readouterr().out
+  assert f"checkpoint {2 * SPE} was cut off mid-save and never committed; removed {partial}" in out
+  assert {p.name for p in ckpts.iterdir()} == {str(n * SPE) for n in (1, 2, 3)}  # all 3 kept
+  _same_outcome(tmp_path, uninterrupted)  # epochs 2 and 3 trained again from epoch 1, bitwise
