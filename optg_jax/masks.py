@@ -288,7 +288,7 @@ def global_masks(
                       is_leaf=_is_none)
 
 
-def min_density_counts(shape: tuple[int, ...], axis: int | None, min_density: float) -> int:
+def min_keep_count(shape: tuple[int, ...], axis: int | None, min_density: float) -> int:
   """``m = ceil(min_density·n)``: the weights each layer of ``n`` keeps at least (a leaf of
   ``shape``, or each of its slices along ``axis``); ``min_density`` read as a decimal, like
   sparsities (0.3 of 10 is 3)."""
@@ -335,7 +335,7 @@ def floored_global_masks(
   axes = treedef.flatten_up_to(layer_axes)
   leaves = [jnp.asarray(s) for s in leaves]
   n = sum(s.size for s in leaves)
-  counts = [min_density_counts(s.shape, axis, min_density) for s, axis in zip(leaves, axes)]
+  counts = [min_keep_count(s.shape, axis, min_density) for s, axis in zip(leaves, axes)]
   forced_total = sum(m * _layer_grid(s.shape, axis)[0]
                      for s, m, axis in zip(leaves, counts, axes))
   _check_floor(n, sparsity, min_density, forced_total)

@@ -113,32 +113,36 @@ def test_forced_weights_are_each_layers_top_scores():
 
 def test_free_nans_after_the_numbers_by_position():
   """The free pass reaches the NaN tier: free NaNs are taken by position, never a forced one."""
-  shapes = {"a": (2, 5), "b": (2, 5)}
-  values = {"a": np.full((2, 5), np.nan, np.float32),
-            "b": np.arange(1, 11, dtype=np.float32).reshape(2, 5)}
-  got = _kernels(Selection(min_density=0.5).masks(_scores(values, shapes), _params(shapes),
-                                                  1.0, 0.2))
-  # a: forced indices 0-4 (NaN ties by index), then the 6th free pick is a's index 5.
-  np.testing.assert_array_equal(got["a"].ravel(), [1] * 6 + [0] * 4)
-  assert got["b"].all()
-  np.testing.assert_array_equal(got["a"], _brute(values, shapes, 0.2, 0.5)["a"])
+  values = {"a": np.full((4, 5), np.nan, np.float32),
+            "b": np.arange(1, 7, dtype=np.float32).reshape(3, 2),
+            "c": np.arange(7, 31, dtype=np.float32).reshape(6, 4)}
+  # d = 0.5: a forces its indices 0-9 (NaN ties by index), b 3, c 12: M = 25. At 10%, k = 45:
+  # the 20 free picks are the 15 free numbers, then a's free NaNs 10-14 by position.
+  got = _kernels(Selection(min_density=0.5).masks(_scores(values), _params(), 1.0, 0.1))
+  np.testing.assert_array_equal(got["a"].ravel(), [1] * 15 + [0] * 5)
+  assert got["b"].all() and got["c"].all()
+  np.testing.assert_array_equal(got["a"], _brute(values, SHAPES, 0.1, 0.5)["a"])
 
 
 def test_stacked_layers_each_keep_their_floor():
-  shapes = {"s": (3, 4, 5), "t": (6, 4)}
+  shapes = {"s": (3, 4, 5), "t": (6, 4), "u": (4, 3, 2)}
+  axes = {"s": 0, "u": 1}
   rng = np.random.default_rng(6)
-  values = {"s": rng.integers(-3, 3, size=shapes["s"]).astype(np.float32),
-            "t": rng.integers(0, 3, size=shapes["t"]).astype(np.float32) + 10.0}
-  values["s"][1] -= 100.0  # the middle layer of the stack is below everything
-  for axes in ({"s": 0}, {"s": 1}):
-    selection = Selection(min_density=0.15, layer_axes=axes)
-    got = _kernels(selection.masks(_scores(values, shapes), _params(shapes), 1.0, 0.75))
-    want = _brute(values, shapes, 0.75, 0.15, axes)
-    for name in shapes:
-      np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} {axes}")
-    per_layer = np.moveaxis(got["s"], axes["s"], 0).reshape(shapes["s"][axes["s"]], -1)
-    assert (per_layer.sum(1) >= math.ceil(0.15 * per_layer.shape[1])).all()
-    assert sum(int(m.sum()) for m in got.values()) == 84 - 63
+  values = {name: rng.integers(-3, 3, size=shape).astype(np.float32)
+            for name, shape in shapes.items()}
+  values["t"] += 10.0
+  values["s"][1] -= 100.0  # the middle layer of each stack is below everything
+  values["u"][:, 1] -= 100.0
+  selection = Selection(min_density=0.15, layer_axes=axes)
+  got = _kernels(selection.masks(_scores(values, shapes), _params(shapes), 1.0, 0.75))
+  want = _brute(values, shapes, 0.75, 0.15, axes)
+  for name in shapes:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  for name, axis in axes.items():
+    per_layer = np.moveaxis(got[name], axis, 0).reshape(shapes[name][axis], -1)
+    assert (per_layer.sum(1) >= math.ceil(0.15 * per_layer.shape[1])).all(), name
+    assert per_layer[1].sum() == math.ceil(0.15 * per_layer.shape[1]), name
+  assert sum(int(m.sum()) for m in got.values()) == 108 - 81
 
 
 def test_jit_and_traced_fraction_agree_with_eager():
@@ -212,27 +216,14 @@ def _layer_b_wiped_out_params():
   return params
 
 
-def _loss(w, t):
-  del t
-  return sum(jnp.sum(w[name]["kernel"] ** 2) for name in SHAPES)
-
-
-def test_gmp_global_keeps_every_layer_alive():
+def test_magnitude_keeps_every_layer_alive():
   """At 50% (k = 25) the floors at d = 0.34 are 7 + 3 + 9 = 19; without them b is wiped out."""
   params = _layer_b_wiped_out_params()
-  magnitudes = jax.tree.map(jnp.abs, params)
-  plain = Selection().masks(magnitudes, params, 1.0, 0.5)
+  plain = Selection().masks(jax.tree.map(jnp.abs, params), params, 1.0, 0.5)  # og.magnitude's
   assert int(plain["b"]["kernel"].sum()) == 0
-  tx = optax.chain(og.gmp(0.5, 0, 2, 1, distribution="global", min_density=0.34),
-                   optax.sgd(0.01))
-  state = tx.init(params)
-  step = helpers.jitted_step(tx, _loss)
-  for t in range(4):
-    params, state, _ = step(params, state, t)
-    kept = {name: int(m["kernel"].sum()) for name, m in og.get_masks(state).items()}
-    assert kept["b"] >= 3
-  assert sum(kept.values()) == 25
-  assert kept["b"] == 3
+  floored = og.get_masks(og.magnitude(0.5, min_density=0.34).init(params))
+  kept = {name: int(m["kernel"].sum()) for name, m in floored.items()}
+  assert kept["b"] == 3 and sum(kept.values()) == 25
 
 
 def test_mask_optimizer_keeps_every_layer_alive():
