@@ -291,7 +291,7 @@ def global_masks(
 def min_keep_count(shape: tuple[int, ...], axis: int | None, min_density: float) -> int:
   """``m = ceil(min_density·n)``: the weights each layer of ``n`` keeps at least (a leaf of
   ``shape``, or each of its slices along ``axis``); ``min_density`` read as a decimal, like
-  sparsities (0.3 of 10 is 3)."""
+  sparsities (0.07 of 100 is 7, where ``0.07 * 100`` is 7.000000000000001)."""
   _, n = _layer_grid(tuple(shape), axis)
   if min_density >= 1:
     return n

@@ -8,6 +8,7 @@ stacked kernel, against today's masks at ``d = 0``, and in two methods where a l
 otherwise be pruned away.
 """
 
+import fractions
 import math
 
 import jax
@@ -27,9 +28,8 @@ SHAPES = {"a": (4, 5), "b": (3, 2), "c": (6, 4)}  # 20, 6 and 24 prunable weight
 
 
 def _params(shapes=SHAPES):
-  tree = {name: {"kernel": jnp.ones(shape), "bias": jnp.zeros(shape[-1])}
+  return {name: {"kernel": jnp.ones(shape), "bias": jnp.zeros(shape[-1])}
           for name, shape in shapes.items()}
-  return tree
 
 
 def _scores(values, shapes=SHAPES):
@@ -67,14 +67,15 @@ def _brute(values, shapes, sparsity, d, axes=None):
   flat = {(i, j): float(values[name].ravel()[j])
           for i, name in enumerate(names) for j in range(values[name].size)}
   n = len(flat)
-  k = n - math.floor(round(sparsity * n, 9))
+  k = n - math.floor(fractions.Fraction(repr(sparsity)) * n)
   kept = set()
   for i, name in enumerate(names):
     index = np.arange(math.prod(shapes[name])).reshape(shapes[name])
     layers = (index.reshape(1, -1) if name not in axes
               else np.moveaxis(index, axes[name], 0).reshape(shapes[name][axes[name]], -1))
     for layer in layers:
-      kept |= set(_order(flat, [(i, int(j)) for j in layer])[:math.ceil(d * layer.size)])
+      floor = math.ceil(fractions.Fraction(repr(d)) * layer.size)
+      kept |= set(_order(flat, [(i, int(j)) for j in layer])[:floor])
   free = _order(flat, [pos for pos in flat if pos not in kept])
   kept |= set(free[:max(k - len(kept), 0)])
   return {name: np.array([(i, j) in kept for j in range(math.prod(shapes[name]))]
@@ -97,6 +98,15 @@ def test_matches_brute_force_with_ties_and_nans(seed, sparsity, d):
   for name, shape in SHAPES.items():
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert got[name].sum() >= math.ceil(d * math.prod(shape))
+
+
+def test_floor_counts_are_ceil_of_the_decimal_density():
+  assert masks_lib.min_keep_count((10, 10), None, 0.07) == 7  # not ceil(0.07 * 100.0) = 8
+  assert masks_lib.min_keep_count((3, 2), None, 0.1) == 1
+  assert masks_lib.min_keep_count((4, 5), None, 1.0) == 20
+  assert masks_lib.min_keep_count((3, 4, 5), 0, 0.15) == 3  # per slice of 20
+  assert masks_lib.min_keep_count((3, 4, 5), 1, 0.15) == 3  # per slice of 15: ceil(2.25)
+  assert masks_lib.min_keep_count((4, 5), None, 1e-9) == 1
 
 
 def test_forced_weights_are_each_layers_top_scores():
