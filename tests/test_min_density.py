@@ -192,6 +192,13 @@ def test_floors_above_k_are_refused():
   with pytest.raises(ValueError, match="min_density"):  # inside jit too, at trace time
     jax.jit(lambda f: Selection(min_density=0.3).masks(values, params, f, 0.8))(0.5)
   Selection(min_density=0.15).masks(values, params, 1.0, 0.8)  # 3 + 1 + 4 = 8 <= 10
+  with pytest.raises(ValueError, match="min_density=0.3"):  # a pruner: at init
+    og.magnitude(0.8, min_density=0.3).init(params)
+  tx = og.mask_optimizer(0.8, 0.1, sparsity_schedule=lambda t: 0.8, min_density=0.3,
+                         refresh=lambda t: True)
+  state = tx.init(params)  # OptG's first mask is dense: no selection yet
+  with pytest.raises(ValueError, match="min_density=0.3"):  # its first update selects
+    tx.update(params, state, params)
 
 
 @pytest.mark.parametrize("kwargs,error", [

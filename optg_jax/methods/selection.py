@@ -56,7 +56,8 @@ class Selection:
     filter_fn: ``(path_str, leaf) -> bool`` replacing the default kernel filter.
     layer_axes: leading layer axis of stacked (scanned) kernels: an int for every prunable leaf,
       or a mapping path regex → axis. In per-layer distributions each slice along the axis is a
-      layer of its own (ERK counts it as one); a global pool needs no special case.
+      layer of its own (ERK counts it as one); a global pool needs no special case, except that
+      its :attr:`min_density` floors each slice.
     overrides: path regex → sparsity for the named distributions ``'uniform'`` and ``'erk'``;
       refused with ``'global'`` (one pool has no per-layer budget) and with a callable.
     topk: the kind of top-k: ``'unstructured'`` (the only kind for now).
@@ -67,7 +68,8 @@ class Selection:
       weights keeps at least its own top ``ceil(d·n_l)`` scores, and the rest of the ``k``
       kept are the global top-k of the others, so that no layer is pruned away (see
       :func:`optg_jax.masks.floored_global_masks`). The floors are static; their sum above
-      the ``k`` kept at the final sparsity is a ``ValueError`` at the first selection. 0 (the
+      the ``k`` kept at the final sparsity is a ``ValueError`` at the first selection (at
+      ``init`` for the pruners, at the first update for OptG, whose first mask is dense). 0 (the
       default) is the plain global pool; refused with the per-layer distributions, whose
       budgets already set each layer's density.
   """
