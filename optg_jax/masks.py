@@ -13,6 +13,8 @@ such trees stay cheap and still line up with the params.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -184,16 +186,30 @@ def _flat_topk(scores: jax.Array, sparsity: Any, axis: int | None) -> jax.Array:
   (``sparsity`` may then be a tuple with one per layer)."""
   if axis is None:
     return select.topk_mask(scores, keep_count(scores.size, sparsity))
-  moved = jnp.moveaxis(scores, axis, 0)
-  per_layer = moved.reshape(moved.shape[0], -1)
-  n = per_layer.shape[1]
+  layers, n = _layer_grid(np.shape(scores), axis)
   if isinstance(sparsity, tuple):
-    if len(sparsity) != per_layer.shape[0]:
-      raise ValueError(f"{len(sparsity)} sparsities for a stack of {per_layer.shape[0]} layers")
-    k = jnp.stack([jnp.asarray(keep_count(n, s), jnp.int32) for s in sparsity])
-    mask = jax.vmap(select.topk_mask)(per_layer, k)
-  else:
-    mask = jax.vmap(select.topk_mask, in_axes=(0, None))(per_layer, keep_count(n, sparsity))
+    if len(sparsity) != layers:
+      raise ValueError(f"{len(sparsity)} sparsities for a stack of {layers} layers")
+    return _topk_per_layer(
+        scores, jnp.stack([jnp.asarray(keep_count(n, s), jnp.int32) for s in sparsity]), axis)
+  return _topk_per_layer(scores, keep_count(n, sparsity), axis)
+
+
+def _layer_grid(shape: tuple[int, ...], axis: int | None) -> tuple[int, int]:
+  """``(layers, weights per layer)`` of a leaf: one layer, or one per slice along ``axis``."""
+  if axis is None:
+    return 1, math.prod(shape)
+  return shape[axis], math.prod(shape[:axis] + shape[axis + 1:])
+
+
+def _topk_per_layer(scores: jax.Array, k: Any, axis: int | None) -> jax.Array:
+  """Top-``k`` mask of a leaf, or of each slice along ``axis`` (``k`` a scalar for every slice,
+  or a ``(layers,)`` int array of one per slice); ties keep the lower flat index."""
+  if axis is None:
+    return select.topk_mask(scores, k)
+  moved = jnp.moveaxis(scores, axis, 0)
+  rows = moved.reshape(moved.shape[0], -1)
+  mask = jax.vmap(select.topk_mask, in_axes=(0, 0 if np.ndim(k) else None))(rows, k)
   return jnp.moveaxis(mask.reshape(moved.shape), 0, axis)
 
 
@@ -229,17 +245,143 @@ def layerwise_masks(
   return jax.tree.map(one, prunable, scores, sparsities, layer_axes, is_leaf=_is_none)
 
 
-def global_masks(scores: PyTree, prunable: PyTree, sparsity: Any) -> PyTree:
+def global_masks(
+    scores: PyTree,
+    prunable: PyTree,
+    sparsity: Any,
+    *,
+    min_density: float = 0.0,
+    layer_axes: PyTree | None = None,
+) -> PyTree:
   """One global pool: keeps exactly ``N - floor(sparsity·N)`` of all prunable scores together.
 
   ``N`` is the total number of prunable entries; ties at the threshold keep the earlier leaf (in
   ``jax.tree_util`` order) and then the lower flat index. Stacked kernels need no special case.
+
+  With ``min_density = d > 0`` every layer ``l`` of ``n_l`` weights (a prunable leaf, or a slice
+  of a stacked leaf along its ``layer_axes`` axis) first keeps its own top ``m_l = ceil(d·n_l)``
+  scores (ties: lower flat index), and the other ``k − Σ m_l`` are the global top-k of the scores
+  not forced in (ties as above), so ``k`` are still kept in all. See :func:`floored_global_masks`.
+
+  Args:
+    scores: a tree aligned with ``prunable``; float arrays at its prunable leaves.
+    prunable: the bool tree from :func:`prunable_tree`.
+    sparsity: a Python float, a traced scalar or a :class:`ScaledSparsity`.
+    min_density: ``d`` in [0, 1]; 0 (the default) is the plain global top-k, bit for bit.
+    layer_axes: the tree from :func:`layer_axis_tree` (only read with ``min_density``), or
+      ``None``.
+
+  Returns:
+    A mask with ``prunable``'s structure: full bool arrays at prunable leaves, scalar ``True``
+    elsewhere.
+
+  Raises:
+    ValueError: the layers' floors ``Σ m_l`` exceed the ``k`` kept at the (final) sparsity.
   """
   pooled = jax.tree.map(lambda keep, s: s if keep else None, prunable, scores, is_leaf=_is_none)
   n = sum(int(np.size(s)) for s in jax.tree_util.tree_leaves(pooled))
-  picked = select.global_topk_masks(pooled, keep_count(n, sparsity))
+  if min_density:
+    picked = floored_global_masks(pooled, sparsity, min_density, layer_axes)
+  else:
+    picked = select.global_topk_masks(pooled, keep_count(n, sparsity))
   return jax.tree.map(lambda keep, m: m if keep else jnp.array(True), prunable, picked,
                       is_leaf=_is_none)
+
+
+def min_keep_count(shape: tuple[int, ...], axis: int | None, min_density: float) -> int:
+  """``m = ceil(min_density·n)``: the weights each layer of ``n`` keeps at least (a leaf of
+  ``shape``, or each of its slices along ``axis``); ``min_density`` read as a decimal, like
+  sparsities (0.07 of 100 is 7, where ``0.07 * 100`` is 7.000000000000001)."""
+  _, n = _layer_grid(tuple(shape), axis)
+  if min_density >= 1:
+    return n
+  return n - select.keep_count(n, min_density, rounding="ceil")  # n − (n − ceil(d·n))
+
+
+def floored_global_masks(
+    scores: PyTree, sparsity: Any, min_density: float, layer_axes: PyTree | None = None
+) -> PyTree:
+  """Global top-k with a floor per layer: each layer keeps at least ``ceil(min_density·n_l)``.
+
+  1. Forced: each layer's top ``m_l = ceil(d·n_l)`` (:func:`optg_jax.select.topk_mask`, per
+     slice of a stacked leaf), ``M = Σ m_l`` in all.
+  2. Free: the exact global top-``k'`` of the other scores, ``k' = max(k − M, 0)``, by
+     :func:`optg_jax.select.global_topk_masks` on the scores with the forced entries set to NaN
+     (the lowest key, so never picked while ``k'`` is at most the number of non-NaN free
+     scores). Free scores that are NaN themselves tie with the forced NaNs; when ``k'`` reaches
+     them (``lax.cond``), every free number is kept and the rest are the first free NaNs by
+     position (a running count) instead.
+  3. The mask is forced | free: exactly ``max(k, M)`` kept.
+
+  ``M`` is static (shapes and ``d``). It is checked against the ``k`` of the final sparsity (a
+  Python float, or the ``final`` of a :class:`ScaledSparsity`): ``M > k`` is a ``ValueError``.
+  On a schedule (a traced ``fraction``) ``k(t) >= k`` as the sparsity rises to its target, so
+  ``k(t) >= M`` too; should ``k(t)`` fall below ``M`` (a float32 product a hair above the target,
+  or a traced plain sparsity that cannot be checked) the forced weights alone are kept.
+
+  Args:
+    scores: a pytree of float arrays (``None`` leaves are empty nodes), the pool.
+    sparsity: a Python float, a traced scalar or a :class:`ScaledSparsity`.
+    min_density: ``d`` in (0, 1].
+    layer_axes: a tree aligned with ``scores`` of ``None`` or the leaf's layer axis (see
+      :func:`layer_axis_tree`), or ``None``: each leaf is one layer.
+
+  Returns:
+    Bool masks with the structure and shapes of ``scores``.
+  """
+  if layer_axes is None:
+    layer_axes = jax.tree.map(lambda _: None, scores)
+  leaves, treedef = jax.tree_util.tree_flatten(scores)
+  axes = treedef.flatten_up_to(layer_axes)
+  leaves = [jnp.asarray(s) for s in leaves]
+  n = sum(s.size for s in leaves)
+  counts = [min_keep_count(s.shape, axis, min_density) for s, axis in zip(leaves, axes)]
+  forced_total = sum(m * _layer_grid(s.shape, axis)[0]
+                     for s, m, axis in zip(leaves, counts, axes))
+  _check_floor(n, sparsity, min_density, forced_total)
+  masks = _floored_topk(leaves, keep_count(n, sparsity), jnp.asarray(counts, jnp.int32),
+                        forced_total, tuple(axes))
+  return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+@functools.partial(jax.jit, static_argnames="axes")
+def _floored_topk(leaves: list[jax.Array], k: Any, counts: jax.Array, forced_total: Any,
+                  axes: tuple[int | None, ...]) -> list[jax.Array]:
+  """:func:`floored_global_masks` of flat leaves, ``counts`` the ``(leaves,)`` floors per layer
+  (jitted: eager calls compile once per shape)."""
+  free_k = jnp.maximum(jnp.asarray(k, jnp.int32) - forced_total, 0)
+  forced = [_topk_per_layer(s, m, axis) for s, m, axis in zip(leaves, counts, axes)]
+  free_nan = [~f & jnp.isnan(s) for s, f in zip(leaves, forced)]
+  free_numbers = sum((jnp.sum(~f & ~nan, dtype=jnp.int32) for f, nan in zip(forced, free_nan)),
+                     jnp.zeros((), jnp.int32))
+
+  def by_score():
+    return select.global_topk_masks([jnp.where(f, jnp.nan, s) for s, f in zip(leaves, forced)],
+                                    free_k)
+
+  def numbers_then_nans_by_position():
+    nans_kept, before = [], jnp.zeros((), jnp.int32)
+    for f, nan in zip(forced, free_nan):
+      rank = before + jnp.cumsum(nan.reshape(-1), dtype=jnp.int32)  # 1-based, across leaves
+      nans_kept.append((~f & ~nan) | (nan & (rank <= free_k - free_numbers).reshape(nan.shape)))
+      before = before + jnp.sum(nan, dtype=jnp.int32)
+    return nans_kept
+
+  free = jax.lax.cond(free_k <= free_numbers, by_score, numbers_then_nans_by_position)
+  return [f | m for f, m in zip(forced, free)]
+
+
+def _check_floor(n: int, sparsity: Any, min_density: float, forced_total: int) -> None:
+  """``ValueError`` when the floors ``forced_total`` exceed the final keep count (if static)."""
+  final = sparsity.final if isinstance(sparsity, ScaledSparsity) else sparsity
+  if isinstance(final, jax.Array):
+    return
+  k = select.keep_count(n, final)
+  if forced_total > k:
+    raise ValueError(
+        f"min_density={min_density}: every layer keeps at least ceil(min_density·n_l) weights, "
+        f"{forced_total} of the {n} prunable weights in all, more than the k = {k} kept at "
+        f"sparsity {final}; lower min_density or the sparsity")
 
 
 class LeafSummary(NamedTuple):

@@ -35,6 +35,7 @@ def edge_popup(
     exclude: Iterable[str] = (),
     filter_fn: Callable[[str, Any], bool] | None = None,
     layer_axes: int | Mapping[str, int] | None = None,
+    min_density: float = 0.0,
 ) -> optax.GradientTransformation:
   """edge-popup as an optax transformation; use it alone (the weights are frozen).
 
@@ -53,6 +54,8 @@ def edge_popup(
     distribution: ``'uniform'`` (the reference: the same ``k`` in every layer), ``'erk'``,
       ``'global'`` or a callable.
     exclude, filter_fn, layer_axes: which kernels are masked, and stacked layers.
+    min_density: with ``'global'``, each layer keeps at least ``ceil(min_density·n_l)`` (see
+      :class:`~optg_jax.methods.selection.Selection`).
 
   Returns:
     A :func:`~optg_jax.methods.scores.trainable_scores` transformation with bool masks that
@@ -60,7 +63,8 @@ def edge_popup(
     is the top-k of the final ``|s|``.
   """
   sparsity = _checks.sparsity(sparsity)
-  selection = Selection(distribution, tuple(exclude), filter_fn, layer_axes)
+  selection = Selection(distribution, tuple(exclude), filter_fn, layer_axes,
+                        min_density=min_density)
   score_optimizer = optax.chain(optax.add_decayed_weights(weight_decay),
                                 optax.trace(decay=momentum, nesterov=nesterov),
                                 optax.scale_by_learning_rate(learning_rate))

@@ -34,8 +34,8 @@ def gmp(
     power: exponent of the schedule (3 in the paper).
     distribution: ``'uniform'`` (the paper: the same sparsity per layer), ``'erk'``, ``'global'``
       or a callable (see :class:`~optg_jax.methods.selection.Selection`).
-    **selection_kwargs: ``exclude``, ``filter_fn``, ``layer_axes``, ``overrides``, ``topk`` of
-      :class:`~optg_jax.methods.selection.Selection`.
+    **selection_kwargs: ``exclude``, ``filter_fn``, ``layer_axes``, ``overrides``, ``topk``,
+      ``min_density`` (with ``'global'``) of :class:`~optg_jax.methods.selection.Selection`.
 
   Returns:
     A :func:`~optg_jax.methods.pruner.scored_pruner` transformation.

@@ -137,6 +137,9 @@ def lottery_ticket(
   else:
     raise ValueError(f"rewind_step must be an int in [0, {steps_per_level}), got {rewind_step!r}")
   selection = Selection(**selection_kwargs)
+  if selection.min_density:
+    raise ValueError("min_density is not supported by lottery_ticket: each level keeps the "
+                     "exact count of its pool (global or per leaf)")
   prune = MagnitudeLevels(selection, distribution, float(rate), int(levels))
   return rounds_lib.rounds(inner, lengths, levels + 1, prune, rewind_step=rewind_step,
                            selection=selection)

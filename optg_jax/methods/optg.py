@@ -66,6 +66,7 @@ def mask_optimizer(
     layer_axes: int | Mapping[str, int] | None = None,
     overrides: Mapping[str, float] | None = None,
     selection_rule: str = "exact",
+    min_density: float = 0.0,
 ) -> optax.GradientTransformation:
   """OptG: trains scores on ``G ⊙ W`` and prunes by their global top-k on a sparsity schedule.
 
@@ -107,6 +108,10 @@ def mask_optimizer(
       ties by position; ``'reference'``: the authors' ``S >= thr``, ``thr`` the
       ``N − ceil(p·N)``-th largest, every tie kept (may keep more; see the module doc). Used
       at every refresh and by ``og.final_masks``; per layer with per-layer distributions.
+    min_density: with ``'global'`` (and ``selection_rule='exact'``), each layer keeps at least
+      its own top ``ceil(min_density·n_l)`` scores at every refresh and in ``og.final_masks``,
+      the rest of the ``N − floor(p·N)`` kept being the global top-k of the other scores (see
+      :class:`~optg_jax.methods.selection.Selection`); 0 (the reference) puts no floor.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -116,7 +121,7 @@ def mask_optimizer(
   if selection_rule not in SELECTION_RULES:
     raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {selection_rule!r}")
   selection = Selection(distribution, exclude, filter_fn, layer_axes, overrides,
-                        rule=selection_rule)
+                        rule=selection_rule, min_density=min_density)
   if sparsity_schedule is None:
     _require(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
     fraction = _ramp(ramp, steps_per_epoch, total_epochs, beta)

@@ -56,12 +56,22 @@ class Selection:
     filter_fn: ``(path_str, leaf) -> bool`` replacing the default kernel filter.
     layer_axes: leading layer axis of stacked (scanned) kernels: an int for every prunable leaf,
       or a mapping path regex → axis. In per-layer distributions each slice along the axis is a
-      layer of its own (ERK counts it as one); a global pool needs no special case.
+      layer of its own (ERK counts it as one); a global pool needs no special case, except that
+      its :attr:`min_density` floors each slice.
     overrides: path regex → sparsity for the named distributions ``'uniform'`` and ``'erk'``;
       refused with ``'global'`` (one pool has no per-layer budget) and with a callable.
     topk: the kind of top-k: ``'unstructured'`` (the only kind for now).
     rule: ``'exact'`` (exact counts, ties by position) or ``'reference'`` (the OptG code's
       threshold, every tie kept); see :data:`RULES`.
+    min_density: ``d`` in [0, 1], with ``'global'`` and the ``'exact'`` rule: every layer (a
+      prunable leaf, or a slice of a stacked one along its ``layer_axes`` axis) of ``n_l``
+      weights keeps at least its own top ``ceil(d·n_l)`` scores, and the rest of the ``k``
+      kept are the global top-k of the others, so that no layer is pruned away (see
+      :func:`optg_jax.masks.floored_global_masks`). The floors are static; their sum above
+      the ``k`` kept at the final sparsity is a ``ValueError`` at the first selection (at
+      ``init`` for the pruners, at the first update for OptG, whose first mask is dense). 0 (the
+      default) is the plain global pool; refused with the per-layer distributions, whose
+      budgets already set each layer's density.
   """
   distribution: str | DistributionFn = "global"
   exclude: tuple[str, ...] = ()
@@ -70,6 +80,7 @@ class Selection:
   overrides: Mapping[str, float] | None = None
   topk: str = "unstructured"
   rule: str = "exact"
+  min_density: float = 0.0
 
   def __post_init__(self):
     if not (callable(self.distribution) or self.distribution in distributions.DISTRIBUTIONS):
@@ -92,6 +103,14 @@ class Selection:
       raise ValueError(f"topk must be one of {TOPK_KINDS}, got {self.topk!r}")
     if self.rule not in RULES:
       raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+    object.__setattr__(self, "min_density", _min_density(self.min_density))
+    if self.min_density and self.distribution != "global":
+      raise ValueError(
+          f"min_density={self.min_density} applies to distribution='global' (the per-layer "
+          f"budgets of distribution={self.distribution!r} already set each layer's density; "
+          "use overrides= or your callable to raise one)")
+    if self.min_density and self.rule != "exact":
+      raise ValueError(f"min_density={self.min_density} needs rule='exact', got {self.rule!r}")
 
   def prunable(self, params: PyTree) -> PyTree:
     """Python bools, ``True`` at the prunable leaves (``layer_axes`` are checked too)."""
@@ -129,12 +148,29 @@ class Selection:
     Per-layer targets are solved once at the final sparsity and each is scaled by ``fraction``,
     as gradual schedules do per layer; at ``fraction >= 1`` the counts are exact for the Python
     float targets (see :class:`optg_jax.masks.ScaledSparsity`). Each pool (the global one, or
-    each layer) keeps its count by the :attr:`rule`.
+    each layer) keeps its count by the :attr:`rule`; with :attr:`min_density` the global pool
+    first keeps each layer's floor.
+
+    Args:
+      scores: a tree aligned with ``params``, float scores at the prunable leaves (higher kept).
+      params: the params (their shapes and paths choose the prunable leaves).
+      fraction: the fraction of ``final_sparsity`` reached, a Python float or a traced scalar.
+      final_sparsity: the target, a Python float in [0, 1).
+
+    Returns:
+      Bool masks, the params' treedef: full-shaped at the prunable leaves, scalar ``True``
+      elsewhere.
+
+    Raises:
+      ValueError: the :attr:`min_density` floors exceed the ``k`` kept at ``final_sparsity``.
     """
     prunable = self.prunable(params)
     reference = self.rule == "reference"
     if self.distribution == "global":
       scaled = masks_lib.ScaledSparsity(final_sparsity, fraction)
+      if self.min_density:
+        return masks_lib.global_masks(scores, prunable, scaled, min_density=self.min_density,
+                                      layer_axes=self._axes(params, prunable))
       if not reference:
         return masks_lib.global_masks(scores, prunable, scaled)
       pooled = _trees_only(prunable, scores)
@@ -151,6 +187,17 @@ class Selection:
     return jax.tree.map(lambda keep, s, p, axis: _reference_leaf(s, p, axis) if keep
                         else jnp.array(True), prunable, scores, per_leaf, axes,
                         is_leaf=lambda x: x is None)
+
+
+def _min_density(value: Any) -> float:
+  """``value`` as a float in [0, 1], else ``ValueError``/``TypeError`` naming ``min_density``."""
+  _checks.concrete(value, "min_density")
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                   np.floating)):
+    raise TypeError(f"min_density must be a real number in [0, 1], got {value!r}")
+  if not 0.0 <= float(value) <= 1.0:  # also rejects NaN
+    raise ValueError(f"min_density must be in [0, 1], got {value!r}")
+  return float(value)
 
 
 def _trees_only(prunable: PyTree, scores: PyTree) -> PyTree:
