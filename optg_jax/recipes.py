@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -345,7 +346,7 @@ def _rst_extrusion_epochs(epochs: int, extrusion_epochs: int | None) -> int:
 
 def rst_extrusion(steps: int, *, cycles: int = 1, extrusion_lr: float = 1e-3,
                   extrusion_dose: float | str | None = "reference",
-                  upper_limit: float = 1.0) -> dict[str, Any]:
+                  upper_limit: float = 1.0, max_rate: float = 1.0) -> dict[str, Any]:
   """``og.rst``'s extrusion fitted into ``steps``: per cycle, ``λ`` rises every step over the
   first half and is held for the second (``granularity``, ``interval``, ``upper_limit``,
   ``stabilize``).
@@ -355,6 +356,11 @@ def rst_extrusion(steps: int, *, cycles: int = 1, extrusion_lr: float = 1e-3,
   :func:`optg_jax.methods.rst.extrusion_dose`): the weights to remove shrink by about
   ``e^−65`` in any budget, where a limit of 1 over a few hundred steps leaves them at ~80 % of
   their size. A number sets the dose; ``None`` keeps ``λ`` rising to ``upper_limit``.
+
+  ``max_rate`` caps the shrink rate of one step, ``extrusion_lr·λ`` (a deviation from the
+  reference, which never comes near it): gradient descent on ``λ‖w‖²/2`` diverges once
+  ``lr·λ > 2`` (``2(1+μ)`` with momentum μ), which a dose fitted into a few dozen steps would
+  pass. A capped dose is smaller than asked, with a warning.
   """
   per_cycle = steps // cycles
   ramp = max(per_cycle // 2, 1)
@@ -364,6 +370,12 @@ def rst_extrusion(steps: int, *, cycles: int = 1, extrusion_lr: float = 1e-3,
     per_unit = og.methods.rst.extrusion_dose(  # Σ_t λ_t at η = 1, the same ramp and hold
         1.0, granularity=1.0, interval=1, upper_limit=ramp - 0.5, stabilize=per_cycle - ramp)
     upper_limit = dose / (extrusion_lr * per_unit) * (ramp - 0.5)
+    if extrusion_lr * upper_limit > max_rate:
+      warnings.warn(f"rst_extrusion: the dose {dose:g} in {per_cycle} steps needs lr·λ = "
+                    f"{extrusion_lr * upper_limit:.3g} per step, capped at max_rate = "
+                    f"{max_rate:g} (a step beyond 2 diverges); give more extrusion steps for "
+                    "the full dose", stacklevel=2)
+      upper_limit = max_rate / extrusion_lr
   return {"granularity": upper_limit / (ramp - 0.5), "interval": 1, "upper_limit": upper_limit,
           "stabilize": per_cycle - ramp}
 

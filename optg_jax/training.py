@@ -110,9 +110,15 @@ def init(model: nn.Module, tx: optax.GradientTransformation, sample: np.ndarray,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    label_smoothing: float = 0.0, *, skip_nonfinite: bool = False
+                    label_smoothing: float = 0.0, *, skip_nonfinite: bool = False,
+                    axis_name: str | None = None
                     ) -> Callable[..., tuple[TrainState, jax.Array]]:
   """``step(state, images, labels) -> (state, loss)``: cross-entropy at the effective weights.
+
+  ``axis_name``: inside ``jax.pmap`` (:func:`optg_jax.parallel.pmapped`), the mapped axis over
+  which the gradients, the loss and the BatchNorm statistics are averaged (``lax.pmean``), so
+  that every device applies the update of the whole batch. BatchNorm then normalises each
+  device's part of the batch with its own moments, as in the Flax ImageNet example.
 
   ``skip_nonfinite``: a step whose loss or gradients are not finite keeps the ``batch_stats`` it
   started from; wrap ``tx`` in ``optax.apply_if_finite`` so that it keeps the params and the
@@ -130,6 +136,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     w_eff = effective_or_dense(state.params, state.opt_state)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         w_eff, state.batch_stats, images, labels)
+    if axis_name is not None:
+      loss, grads, batch_stats = jax.lax.pmean((loss, grads, batch_stats), axis_name)
     if skip_nonfinite:
       finite = jnp.isfinite(loss) & all_finite(grads)
       batch_stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), batch_stats,

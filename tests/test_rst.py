@@ -161,3 +161,15 @@ def test_recipe_fits_the_reference_dose_into_the_budget(steps, cycles):
   assert rst_lib.extrusion_dose(1e-3, **timing) == pytest.approx(65.0075, rel=1e-6)
   fixed = recipes.rst_extrusion(steps, cycles=cycles, extrusion_dose=None)
   assert fixed["upper_limit"] == 1.0 and rst_lib.extrusion_dose(1e-3, **fixed) < 1.0
+
+
+def test_recipe_caps_the_shrink_rate_of_a_dose_fitted_into_a_few_steps():
+  """65 in 10 steps would need lr·λ ≈ 13 per step, where descent on λ‖w‖²/2 diverges (> 2)."""
+  with pytest.warns(UserWarning, match="capped at max_rate = 1"):
+    timing = recipes.rst_extrusion(10, extrusion_lr=1e-3)
+  assert 1e-3 * timing["upper_limit"] == pytest.approx(1.0)
+  assert rst_lib.extrusion_dose(1e-3, **timing) < 65.0
+  w = 1.0
+  for lam in (timing["granularity"] * min(t + 1, 4.5) for t in range(10)):  # ramp, then hold
+    w -= 1e-3 * min(lam, timing["upper_limit"]) * w
+  assert 0 <= w < 1.0  # shrinks, does not oscillate out

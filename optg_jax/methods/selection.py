@@ -192,6 +192,8 @@ class Selection:
 def _min_density(value: Any) -> float:
   """``value`` as a float in [0, 1], else ``ValueError``/``TypeError`` naming ``min_density``."""
   _checks.concrete(value, "min_density")
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+    value = np.asarray(value)[()]  # a concrete scalar array (optax.inject_hyperparams makes one)
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                    np.floating)):
     raise TypeError(f"min_density must be a real number in [0, 1], got {value!r}")
