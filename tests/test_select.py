@@ -247,6 +247,26 @@ def test_big_global_pool_never_concatenates_its_leaves():
   assert all(size <= 2 * 65_536 for size in sizes), sizes
 
 
+def test_bisection_only_search_gives_the_default_masks_bit_for_bit():
+  # The benchmark's baseline: no planner, no sample, plain bisection of the key range. The
+  # tree's shapes and the traced k are those of test_global_masks_with_traced_k, so the
+  # default search compiles once for both.
+  sizes = (50_000, 20_000)
+  for seed, kind in enumerate(["special", "few_values", "optg"]):
+    flat = _big_scores(kind, seed=seed, n=sum(sizes))
+    if kind == "few_values":  # signed zeros tie, NaN ranks lowest
+      flat = np.where(flat == 0, np.float32(-0.0), flat)
+      flat[::97] = np.nan
+    tree = {"a": jnp.asarray(flat[:sizes[0]]), "b": jnp.asarray(flat[sizes[0]:])}
+    for k in (0, 1, 999, 35_000, sum(sizes) - 1):
+      want = select.global_topk_masks(tree, jnp.int32(k))
+      got = select.api._bisection_topk_masks(tree, jnp.int32(k))
+      for name in tree:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+      kept = np.concatenate([np.asarray(got["a"]), np.asarray(got["b"])])
+      np.testing.assert_array_equal(kept, _reference(flat, k))
+
+
 # ----------------------------------------------------------------------------
 # Traced k, jit, vmap.
 # ----------------------------------------------------------------------------

@@ -109,6 +109,19 @@ def topk_mask(scores: jax.Array, k: Any, *, keep_ties: bool = False) -> jax.Arra
   return global_topk_masks(_keys.check_scores(scores, ""), k, keep_ties=keep_ties)
 
 
+def _bisection_topk_masks(scores: Any, k: Any) -> Any:
+  """`global_topk_masks` with the planner off: the same masks, bit for bit.
+
+  Above 65,536 scores the search bisects the key range with plain count
+  passes (no sample, about 32 passes); the baseline that
+  benchmarks/mask_refresh.py measures the planner against. Not public.
+  """
+  leaves, treedef, shapes = _flat_leaves(scores)
+  masks = _global_topk_flat(leaves, k, planner=False)
+  return jax.tree_util.tree_unflatten(
+      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
+
+
 def kth_largest(scores: Any, k: Any) -> jax.Array:
   """The ``k``-th largest score over a pytree (1-based), as a float32 scalar.
 
@@ -180,10 +193,12 @@ def _kth_value(key: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames="keep_ties")
-def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False) -> list[jax.Array]:
+@functools.partial(jax.jit, static_argnames=("keep_ties", "planner"))
+def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False,
+                      planner: bool = True) -> list[jax.Array]:
   """Flat bool masks of flat leaves (jitted: calls outside ``jit`` compile once per shape);
-  with ``keep_ties``, ``key >= key of the k-th largest`` (none for ``k == 0``)."""
+  with ``keep_ties``, ``key >= key of the k-th largest`` (none for ``k == 0``); ``planner=False``
+  searches by bisection (`_bisection_topk_masks`)."""
   total = sum(x.shape[0] for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
@@ -193,7 +208,8 @@ def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False) 
     return [_keys.keys(x) >= thresh for x in leaves]
   if total <= SMALL_TOTAL:
     return _masks.by_sort(leaves, k)
-  flat = iter(_searched_masks(_live(leaves), k))
+  search = _searched_masks if planner else _bisected_masks
+  flat = iter(search(_live(leaves), k))
   return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
 
 
@@ -231,14 +247,24 @@ def _row_by_row(fn):
   return rule
 
 
-@jax.custom_batching.custom_vmap
-def _searched_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Flat masks of non-empty flat leaves by the counting search, ``0 <= k <= total``."""
-  total = sum(x.shape[0] for x in leaves)
-  # Keeping all or no scores needs no threshold: the bracket is then
-  # [KEY_NAN, KEY_NAN + 1) with every score counted as a tie.
-  br = _search.select(leaves, k, (k == 0) | (k >= total))
-  return _masks.from_bracket(leaves, k, br)
+def _masks_searcher(planner: bool):
+  """Flat masks of non-empty flat leaves by the counting search, ``0 <= k <= total``
+  (``planner=False``: by bisection)."""
+
+  @jax.custom_batching.custom_vmap
+  def searched(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+    total = sum(x.shape[0] for x in leaves)
+    # Keeping all or no scores needs no threshold: the bracket is then
+    # [KEY_NAN, KEY_NAN + 1) with every score counted as a tie.
+    br = _search.select(leaves, k, (k == 0) | (k >= total), planner=planner)
+    return _masks.from_bracket(leaves, k, br)
+
+  searched.def_vmap(_row_by_row(searched))
+  return searched
+
+
+_searched_masks = _masks_searcher(planner=True)
+_bisected_masks = _masks_searcher(planner=False)
 
 
 @jax.custom_batching.custom_vmap
@@ -247,5 +273,4 @@ def _searched_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
   return _search.select(leaves, k, k == 0).lo
 
 
-_searched_masks.def_vmap(_row_by_row(_searched_masks))
 _searched_key.def_vmap(_row_by_row(_searched_key))
