@@ -18,8 +18,8 @@ compilation (``block_until_ready``); nothing is asserted but the masks' equality
    its largest axis divisible by 8, replicated if none is; masks sharded the same). The child
    checks its masks equal the one-device ones and reads the compiled program (HLO) for
    all-gather / all-to-all / collective-permute ops that move more than 65,536 elements (the
-   sample's size) or a whole sharded leaf: a sharded selection should all-reduce counts, not
-   gather scores. Every row
+   sample's size), and adds up what they move: a sharded selection should all-reduce counts
+   and gather its sample only, not move scores. Every row
    gives its time in elementwise passes measured in the same process (the 8-device row also
    against the one-device pass: the simulated devices share this machine's cores).
 
@@ -86,7 +86,7 @@ def normal_leaves(shapes, seed: int) -> list[jax.Array]:
 @jax.jit
 def one_pass(leaves):
   """One elementwise pass: every score compared with a constant, counted per leaf."""
-  return [jnp.sum((x >= 0.5).astype(jnp.float32)) for x in leaves]
+  return [jnp.sum((x >= 0.5).astype(jnp.uint8).astype(jnp.float32)) for x in leaves]
 
 
 def machine() -> str:
@@ -125,7 +125,7 @@ def size_sweep(shapes, sizes, sparsity, repeats) -> list[dict]:
   return rows
 
 
-def ways(shapes, sparsity, repeats) -> tuple[list[dict], dict]:
+def ways(shapes, sparsity, repeats, hlo_path=None) -> tuple[list[dict], dict]:
   """Table 2: the ways to select on ``shapes`` (their own shapes), and the sharded check."""
   n = sum(int(np.prod(s)) for s in shapes)
   k = select.keep_count(n, sparsity)
@@ -143,7 +143,7 @@ def ways(shapes, sparsity, repeats) -> tuple[list[dict], dict]:
           {"way": "layerwise", "ms": median_ms(layerwise, leaves, repeats=repeats)}]
   for row in rows:
     row["passes"] = row["ms"] / pass_ms
-  sharded = run_sharded(shapes, sparsity, repeats, [np.asarray(m) for m in want])
+  sharded = run_sharded(shapes, sparsity, repeats, [np.asarray(m) for m in want], hlo_path)
   rows.append({"way": f"global, {DEVICES} devices sharded", "ms": sharded["ms"],
                "passes": sharded["ms"] / pass_ms,
                "passes_there": sharded["ms"] / sharded["pass_ms"],
@@ -151,14 +151,15 @@ def ways(shapes, sparsity, repeats) -> tuple[list[dict], dict]:
   return rows, sharded
 
 
-def run_sharded(shapes, sparsity, repeats, want) -> dict:
+def run_sharded(shapes, sparsity, repeats, want, hlo_path=None) -> dict:
   """Runs `sharded_worker` in a child process with 8 CPU devices; compares its masks."""
   import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     spec = os.path.join(tmp, "spec.json")
     out = os.path.join(tmp, "out.npz")
     with open(spec, "w") as f:
-      json.dump({"shapes": shapes, "sparsity": sparsity, "repeats": repeats}, f)
+      json.dump({"shapes": shapes, "sparsity": sparsity, "repeats": repeats,
+                 "hlo": hlo_path and os.path.abspath(hlo_path)}, f)
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
                          + f" --xla_force_host_platform_device_count={DEVICES}").strip()}
@@ -183,19 +184,21 @@ def leaf_sharding(mesh, shape):
                                              for i in range(len(shape))]))
 
 
-def moved_scores(hlo: str, leaf_sizes: list[int]) -> list[str]:
-  """The collectives of a compiled HLO text that move scores: an array of more than SAMPLE
-  elements, or of a sharded leaf's size (a leaf, its keys or its mask gathered whole)."""
-  found = []
+def moved_scores(hlo: str) -> tuple[list[str], int]:
+  """The collectives (but all-reduce) of a compiled HLO text whose result, per device, holds
+  more than SAMPLE elements (the sample's pieces are gathered, each far smaller), and the
+  elements the results of all of them hold in all, per device."""
+  found, total = [], 0
   for line in hlo.splitlines():
     m = re.search(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
     if not m:
       continue
     dims = re.findall(r"\w+\[([\d,]*)\]", m.group(1))
-    size = max(int(np.prod([int(d) for d in s.split(",") if d])) for s in dims) if dims else 0
-    if size > SAMPLE or size in leaf_sizes:
-      found.append(f"{m.group(2)} {m.group(1).strip()}")
-  return found
+    size = sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in dims)
+    total += size
+    if size > SAMPLE:
+      found.append(f"{m.group(2)} {m.group(1).strip()[:200]}")
+  return found, total
 
 
 def sharded_worker(spec_path: str, out_path: str) -> None:
@@ -216,25 +219,30 @@ def sharded_worker(spec_path: str, out_path: str) -> None:
   compiled = topk.lower(leaves, k).compile()
   compile_s = time.perf_counter() - start
   hlo = compiled.as_text()
+  if spec["hlo"]:
+    with open(spec["hlo"], "w") as f:
+      f.write(hlo)
   got = compiled(leaves)
   assert all(m.sharding == s for m, s in zip(got, shardings))
   np.savez(out_path, **{f"m{i}": np.asarray(m) for i, m in enumerate(got)})
-  moved = moved_scores(hlo, [int(np.prod(x.shape)) for x, s in zip(leaves, shardings)
-                             if len(s.spec) > 0])
+  moved, moved_elements = moved_scores(hlo)
+  sample = jax.eval_shape(lambda x: select._sample.sample_keys(x, n), leaves).shape[0]
   ops = {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES + ("all-reduce",)}
   print(json.dumps({"ms": median_ms(compiled, leaves, repeats=spec["repeats"]),
                     "pass_ms": median_ms(one_pass, leaves, repeats=spec["repeats"]),
                     "compile_s": compile_s, "collectives": ops, "moves_scores": moved,
+                    "moved_elements": moved_elements, "sample": sample,
                     "sharded_leaves": sum(len(s.spec) > 0 for s in shardings)}))
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="N = 200k; table 2 on every 9th kernel with channels / 4")
+                      help="N = 200k; table 2 on every 9th kernel with channels / 2")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--sparsity", type=float, default=0.9)
   parser.add_argument("--out", default=None, help="JSON file to write")
+  parser.add_argument("--hlo", default=None, help="file to write the 8-device program's HLO to")
   parser.add_argument("--sharded-worker", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.sharded_worker:
@@ -246,11 +254,11 @@ def main(argv=None):
   print(f"# {machine()}; ResNet-50 prunable kernels: {len(shapes)} leaves, {full:,} weights; "
         f"sparsity {args.sparsity}")
   sweep = size_sweep(shapes, sizes, args.sparsity, args.repeats)
-  way_shapes = narrowed(shapes, 4)[::9] if args.quick else shapes
+  way_shapes = narrowed(shapes, 2)[::9] if args.quick else shapes
   n = sum(int(np.prod(s)) for s in way_shapes)
   print(f"\n# {len(way_shapes)} leaves in their own shapes, {n:,} normal scores"
-        f"{' (every 9th kernel, channels / 4)' if args.quick else ''}, sparsity {args.sparsity}")
-  rows, sharded = ways(way_shapes, args.sparsity, args.repeats)
+        f"{' (every 9th kernel, channels / 2)' if args.quick else ''}, sparsity {args.sparsity}")
+  rows, sharded = ways(way_shapes, args.sparsity, args.repeats, args.hlo)
   print("| selection | ms | / one pass | same masks |\n|---|---|---|---|")
   for row in rows:
     note = ""
@@ -260,15 +268,16 @@ def main(argv=None):
     print(f"| {row['way']} | {row['ms']:.1f} | {row['passes']:.1f}{note} | {same} |")
   print(f"\n{DEVICES}-device program: {sharded['sharded_leaves']} of {len(way_shapes)} leaves "
         f"sharded, compiled in {sharded['compile_s']:.0f} s; collectives "
-        f"{sharded['collectives']}; moving scores (more than {SAMPLE:,} elements or a "
-        f"whole leaf): "
-        f"{len(sharded['moves_scores'])}")
+        f"{sharded['collectives']}; moving more than {SAMPLE:,} elements: "
+        f"{len(sharded['moves_scores'])}; all but all-reduce move {sharded['moved_elements']:,} "
+        f"elements per device, the sample holds {sharded['sample']:,}")
   for op in sharded["moves_scores"][:10]:
     print(f"  {op}")
   result = {"machine": machine(), "sparsity": args.sparsity, "repeats": args.repeats,
             "quick": args.quick, "sizes": sweep, "ways": rows,
-            "sharded": {key: sharded[key] for key in ("compile_s", "collectives",
-                                                      "moves_scores", "sharded_leaves")}}
+            "sharded": {key: sharded[key] for key in (
+                "compile_s", "collectives", "moves_scores", "moved_elements", "sample",
+                "sharded_leaves")}}
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

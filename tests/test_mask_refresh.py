@@ -1,5 +1,6 @@
-"""benchmarks/mask_refresh.py --quick: every row is there, and the bisection-only and 8-device
-sharded selections give the one-device masks (no timing assertions)."""
+"""benchmarks/mask_refresh.py --quick: every row is there, the bisection-only and 8-device
+sharded selections give the one-device masks, and the sharded program moves no scores between
+devices (no timing assertions)."""
 
 import json
 import math
@@ -32,5 +33,9 @@ def test_quick_mode_rows_and_sharded_masks(tmp_path):
     assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["passes"] > 0, row
   assert ways["global (bisection only)"]["same_masks"] is True
   assert ways["global, 8 devices sharded"]["same_masks"] is True
-  assert result["sharded"]["sharded_leaves"] == 6
+  sharded = result["sharded"]
+  assert sharded["sharded_leaves"] == 6
+  # Counts are all-reduced; only the sample's pieces are gathered, no leaf is resharded.
+  assert sharded["moves_scores"] == [], sharded["moves_scores"]
+  assert sharded["moved_elements"] <= sharded["sample"], sharded
   assert "| global, 8 devices sharded |" in proc.stdout

@@ -179,6 +179,16 @@ def test_leaves_longer_than_a_chunk(monkeypatch):
     np.testing.assert_array_equal(np.asarray(select.topk_mask(jnp.asarray(x), k)),
                                   _reference(x, k), err_msg=f"k={k}")
   assert max(len(r) for r in ranges) == 8  # 7 chunks of 10,000 and the ragged tail
+  # Leaves of more axes keep their shape: split by rows along the first axis, flattened only
+  # when one row is longer than a chunk; ties straddle the cut (flat indices per chunk).
+  x = _big_scores("few_values", seed=6, n=80_002)
+  tree = {"a": jnp.asarray(x[:70_000].reshape(700, 100)),
+          "b": jnp.asarray(x[70_000:].reshape(1, 10_002) * 0 + 1.0)}
+  flat = np.concatenate([x[:70_000], np.ones(10_002, np.float32)])
+  for k in (3_333, int((flat >= 1.0).sum()) - 7, 60_000):
+    masks = select.global_topk_masks(tree, k)
+    got = np.concatenate([np.asarray(masks["a"]).ravel(), np.asarray(masks["b"]).ravel()])
+    np.testing.assert_array_equal(got, _reference(flat, k), err_msg=f"k={k}")
 
 
 def test_any_shape_is_ranked_row_major():

@@ -1,4 +1,4 @@
-"""The counting search for the k-th largest key of a pool of flat leaves.
+"""The counting search for the k-th largest key of a pool of leaves (any shapes).
 
 A bracket ``lo <= T < hi`` around the k-th largest key ``T`` is kept with
 exact per-leaf counts ``#{key >= lo} >= k > #{key >= hi}`` (totals over the
@@ -49,7 +49,7 @@ def select(leaves: Sequence[jax.Array], k: jax.Array, done: jax.Array, *,
   """Bracket with ``hi == lo + 1`` whose ``lo`` is the key of the k-th largest score.
 
   Args:
-    leaves: non-empty flat score arrays.
+    leaves: non-empty score arrays of any shapes.
     k: int32 rank, ``1 <= k <= total`` unless ``done``.
     done: bool; then no pass runs and the bracket is ``[KEY_NAN, KEY_NAN + 1)``
       with every score counted as a tie at ``lo`` (callers use it when every or
@@ -57,7 +57,7 @@ def select(leaves: Sequence[jax.Array], k: jax.Array, done: jax.Array, *,
     planner: False bisects the key range with plain count passes instead (no
       sample, no plan): the same bracket in more passes, for benchmarks.
   """
-  total = sum(x.shape[0] for x in leaves)
+  total = sum(x.size for x in leaves)
   k = jnp.maximum(k, 1)
   if planner:
     model = _sample.make_model(_sample.sample_keys(leaves, total), total)
@@ -104,7 +104,7 @@ def select(leaves: Sequence[jax.Array], k: jax.Array, done: jax.Array, *,
   start = Bracket(
       lo=jnp.int32(KEY_NAN),
       hi=jnp.where(done, KEY_NAN + 1, KEY_TOP).astype(jnp.int32),
-      c_lo=jnp.array([x.shape[0] for x in leaves], jnp.int32),
+      c_lo=jnp.array([x.size for x in leaves], jnp.int32),
       c_hi=jnp.zeros((len(leaves),), jnp.int32),
       stall=jnp.bool_(False),
       top_w=jnp.uint32(0),

@@ -135,20 +135,21 @@ def kth_largest(scores: Any, k: Any) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# Flat leaves, jitted.
+# Leaves, jitted.
 # ----------------------------------------------------------------------------
 
 
 def _flat_leaves(scores: Any) -> tuple[list[jax.Array], Any, list[tuple[int, ...]]]:
-  """Checked flat leaves of a pytree of scores, its treedef and the leaf shapes."""
+  """Checked leaves of a pytree of scores (in their own shapes: flattening a leaf sharded
+  along another axis than its first would gather it), its treedef and the leaf shapes."""
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(scores)
   leaves, shapes = [], []
   for path, leaf in paths_leaves:
     where = jax.tree_util.keystr(path) if path else ""
     x = _keys.check_scores(leaf, where)
     shapes.append(x.shape)
-    leaves.append(x.reshape(-1))
-  total = sum(x.shape[0] for x in leaves)
+    leaves.append(x)
+  total = sum(x.size for x in leaves)
   if total > 2**31 - 1:
     raise ValueError(f"scores has {total} entries; at most 2**31 - 1 are supported.")
   return leaves, treedef, shapes
@@ -175,13 +176,13 @@ def _live(leaves: list[jax.Array]) -> list[jax.Array]:
   a loss that builds masks from its own weights) out of the ``custom_vmap``
   functions, which have no JVP rule.
   """
-  return [lax.stop_gradient(x) for x in leaves if x.shape[0] > 0]
+  return [lax.stop_gradient(x) for x in leaves if x.size > 0]
 
 
 def _kth_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
-  """int32 key of the k-th largest score of flat leaves, ``0 <= k <= total``, ``total > 0``
+  """int32 key of the k-th largest score of leaves, ``0 <= k <= total``, ``total > 0``
   (any key for ``k == 0``: callers mask that case)."""
-  total = sum(x.shape[0] for x in leaves)
+  total = sum(x.size for x in leaves)
   if total <= SMALL_TOTAL:
     return jnp.sort(_masks.pooled_keys(leaves))[jnp.clip(total - k, 0, total - 1)]
   return _searched_key(_live(leaves), k)
@@ -196,10 +197,10 @@ def _kth_value(key: jax.Array, k: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("keep_ties", "planner"))
 def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False,
                       planner: bool = True) -> list[jax.Array]:
-  """Flat bool masks of flat leaves (jitted: calls outside ``jit`` compile once per shape);
+  """Bool masks of leaves (jitted: calls outside ``jit`` compile once per shape);
   with ``keep_ties``, ``key >= key of the k-th largest`` (none for ``k == 0``); ``planner=False``
   searches by bisection (`_bisection_topk_masks`)."""
-  total = sum(x.shape[0] for x in leaves)
+  total = sum(x.size for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
     return [jnp.zeros(x.shape, bool) for x in leaves]
@@ -210,13 +211,13 @@ def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False,
     return _masks.by_sort(leaves, k)
   search = _searched_masks if planner else _bisected_masks
   flat = iter(search(_live(leaves), k))
-  return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
+  return [next(flat) if x.size else jnp.zeros(x.shape, bool) for x in leaves]
 
 
 @jax.jit
 def _kth_largest_flat(leaves: list[jax.Array], k: Any) -> jax.Array:
-  """`kth_largest` of flat leaves (jitted)."""
-  total = sum(x.shape[0] for x in leaves)
+  """`kth_largest` of leaves (jitted)."""
+  total = sum(x.size for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
     return jnp.float32(jnp.inf)
@@ -248,12 +249,12 @@ def _row_by_row(fn):
 
 
 def _masks_searcher(planner: bool):
-  """Flat masks of non-empty flat leaves by the counting search, ``0 <= k <= total``
+  """Masks of non-empty leaves by the counting search, ``0 <= k <= total``
   (``planner=False``: by bisection)."""
 
   @jax.custom_batching.custom_vmap
   def searched(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-    total = sum(x.shape[0] for x in leaves)
+    total = sum(x.size for x in leaves)
     # Keeping all or no scores needs no threshold: the bracket is then
     # [KEY_NAN, KEY_NAN + 1) with every score counted as a tie.
     br = _search.select(leaves, k, (k == 0) | (k >= total), planner=planner)
@@ -269,7 +270,7 @@ _bisected_masks = _masks_searcher(planner=False)
 
 @jax.custom_batching.custom_vmap
 def _searched_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
-  """The key of the k-th largest score of non-empty flat leaves by the counting search."""
+  """The key of the k-th largest score of non-empty leaves by the counting search."""
   return _search.select(leaves, k, k == 0).lo
 
 
