@@ -37,5 +37,5 @@ def test_quick_mode_rows_and_sharded_masks(tmp_path):
   assert sharded["sharded_leaves"] == 6
   # Counts are all-reduced; only the sample's pieces are gathered, no leaf is resharded.
   assert sharded["moves_scores"] == [], sharded["moves_scores"]
-  assert sharded["moved_elements"] <= sharded["sample"], sharded
+  assert sharded["moved_elements"] <= 2 * sharded["sample"], sharded  # grids, before thinning
   assert "| global, 8 devices sharded |" in proc.stdout
