@@ -179,6 +179,16 @@ def test_leaves_longer_than_a_chunk(monkeypatch):
     np.testing.assert_array_equal(np.asarray(select.topk_mask(jnp.asarray(x), k)),
                                   _reference(x, k), err_msg=f"k={k}")
   assert max(len(r) for r in ranges) == 8  # 7 chunks of 10,000 and the ragged tail
+  # Leaves of more axes keep their shape: split by rows along the first axis, flattened only
+  # when one row is longer than a chunk; ties straddle the cut (flat indices per chunk).
+  x = _big_scores("few_values", seed=6, n=80_002)
+  tree = {"a": jnp.asarray(x[:70_000].reshape(700, 100)),
+          "b": jnp.asarray(x[70_000:].reshape(1, 10_002) * 0 + 1.0)}
+  flat = np.concatenate([x[:70_000], np.ones(10_002, np.float32)])
+  for k in (3_333, int((flat >= 1.0).sum()) - 7, 60_000):
+    masks = select.global_topk_masks(tree, k)
+    got = np.concatenate([np.asarray(masks["a"]).ravel(), np.asarray(masks["b"]).ravel()])
+    np.testing.assert_array_equal(got, _reference(flat, k), err_msg=f"k={k}")
 
 
 def test_any_shape_is_ranked_row_major():
@@ -245,6 +255,26 @@ def test_big_global_pool_never_concatenates_its_leaves():
 
   walk(jaxpr.jaxpr)
   assert all(size <= 2 * 65_536 for size in sizes), sizes
+
+
+def test_bisection_only_search_gives_the_default_masks_bit_for_bit():
+  # The benchmark's baseline: no planner, no sample, plain bisection of the key range. The
+  # tree's shapes and the traced k are those of test_global_masks_with_traced_k, so the
+  # default search compiles once for both.
+  sizes = (50_000, 20_000)
+  for seed, kind in enumerate(["special", "few_values", "optg"]):
+    flat = _big_scores(kind, seed=seed, n=sum(sizes))
+    if kind == "few_values":  # signed zeros tie, NaN ranks lowest
+      flat = np.where(flat == 0, np.float32(-0.0), flat)
+      flat[::97] = np.nan
+    tree = {"a": jnp.asarray(flat[:sizes[0]]), "b": jnp.asarray(flat[sizes[0]:])}
+    for k in (0, 1, 999, 35_000, sum(sizes) - 1):
+      want = select.global_topk_masks(tree, jnp.int32(k))
+      got = select.api._bisection_topk_masks(tree, jnp.int32(k))
+      for name in tree:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+      kept = np.concatenate([np.asarray(got["a"]), np.asarray(got["b"])])
+      np.testing.assert_array_equal(kept, _reference(flat, k))
 
 
 # ----------------------------------------------------------------------------

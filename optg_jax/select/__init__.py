@@ -34,6 +34,13 @@ its flat indices for it (`_masks`). Under ``jax.vmap`` the rows are searched
 one at a time (``lax.map`` through ``custom_vmap``), since batching would run
 every branch of every ``lax.cond``/``lax.switch``.
 
+Sharding. Leaves stay in their own shapes throughout (never flattened: a
+leaf sharded along another axis than its first would be gathered), the
+passes reduce each leaf in its shape, masks come out in it, and the sample
+is a strided grid whose strides divide an 8-way (or smaller power-of-2)
+shard, so under ``jit`` with sharded scores the devices all-reduce counts and
+gather only the sample (benchmarks/mask_refresh.py reads the program).
+
 Modules: `api` (the public functions, re-exported here), `_keep` (keep
 count helpers), `_keys`, `_passes`, `_sample`, `_plan`, `_search`, `_masks`.
 """

@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 
 def from_bracket(leaves: Sequence[jax.Array], k: jax.Array, br: Bracket) -> list[jax.Array]:
-  """Flat bool masks, ``key > T`` plus the first ties at ``T = br.lo``, exactly ``k`` in all.
+  """Bool masks, ``key > T`` plus the first ties at ``T = br.lo``, exactly ``k`` in all.
 
   Ties go to earlier leaves first, then to lower flat indices; ``k == 0``
   keeps nothing. Only a leaf whose ties straddle the cut runs `_tie_cut`.
   """
-  sizes = jnp.array([x.shape[0] for x in leaves], jnp.int32)
+  sizes = jnp.array([x.size for x in leaves], jnp.int32)
   eq = br.c_lo - br.c_hi  # per-leaf ties at T
   ties = k - jnp.sum(br.c_hi)  # how many of them are kept
   before = jnp.cumsum(eq) - eq
@@ -36,7 +36,7 @@ def from_bracket(leaves: Sequence[jax.Array], k: jax.Array, br: Bracket) -> list
     cut = lax.cond(partial, lambda x=x, i=i: _tie_cut(x, thresh, keep[i], eq[i]),
                    lambda i=i: jnp.where(keep[i] > 0, sizes[i], 0))
     key = _keys.keys(x)
-    index = lax.iota(jnp.int32, x.shape[0])
+    index = _passes.flat_index(x.shape)
     masks.append((key > thresh) | ((key == thresh) & (index < cut)))
   return masks
 
@@ -47,11 +47,11 @@ def _tie_cut(x: jax.Array, key: jax.Array, keep: jax.Array, ties: jax.Array) -> 
   A search over flat indices on exact prefix counts: interpolation (exact at
   once when every score is tied), with every other step a bisection.
   """
-  n = x.shape[0]
+  n = x.size
 
   def before(j):  # ties at flat indices below j
     return _passes.reduce(
-        x, lambda c, a: (_keys.keys(c) == key) & (a + lax.iota(jnp.int32, c.shape[0]) < j))
+        x, lambda c, a: (_keys.keys(c) == key) & (a + _passes.flat_index(c.shape) < j))
 
   def step(state):
     lo, hi, c_lo, c_hi, bisect = state  # c_lo < keep <= c_hi
@@ -70,15 +70,15 @@ def _tie_cut(x: jax.Array, key: jax.Array, keep: jax.Array, ties: jax.Array) -> 
 
 
 def pooled_keys(leaves: Sequence[jax.Array]) -> jax.Array:
-  """Keys of all leaves, concatenated (small pools only)."""
-  return jnp.concatenate([_keys.keys(x) for x in leaves])
+  """Keys of all leaves, flattened and concatenated (small pools only)."""
+  return jnp.concatenate([_keys.keys(x).reshape(-1) for x in leaves])
 
 
 def by_sort(leaves: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Flat masks of a small pool, ranked by one stable sort of its keys."""
+  """Masks of a small pool, ranked by one stable sort of its keys."""
   keys = pooled_keys(leaves)
   order = jnp.argsort(~keys, stable=True)  # ~key reverses the order without overflow
   ranks = jnp.zeros(keys.shape, jnp.int32).at[order].set(jnp.arange(keys.size, dtype=jnp.int32))
   keep = ranks < k
-  bounds = np.cumsum([0] + [x.shape[0] for x in leaves])
-  return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  bounds = np.cumsum([0] + [x.size for x in leaves])
+  return [keep[a:b].reshape(x.shape) for a, b, x in zip(bounds[:-1], bounds[1:], leaves)]

@@ -4,7 +4,8 @@ Every pass writes one uint8 weight per score and reduces the weights as
 float32 per chunk, the form XLA:CPU runs at memory speed. Each chunk holds at
 most ``CHUNK = 2**24`` scores and every partial sum stays at or below
 ``2**24``, so the float32 sums are exact; per-chunk results are combined in
-int32. Leaves are flat 1-D arrays; results are per leaf, shape ``(L,)``.
+int32. Leaves keep their own shapes (flattening a leaf sharded on another
+axis than its first would gather it); results are per leaf, shape ``(L,)``.
 """
 
 from __future__ import annotations
@@ -37,16 +38,40 @@ def chunks(n: int) -> list[tuple[int, int]]:
 
 def reduce(x: jax.Array, weight_fn: Callable[[jax.Array, int], jax.Array],
            op=jnp.sum) -> jax.Array:
-  """int32 ``op`` (``jnp.sum`` or ``jnp.max``) over a non-empty flat leaf of uint8 weights.
+  """int32 ``op`` (``jnp.sum`` or ``jnp.max``) over a non-empty leaf of uint8 weights.
 
-  ``weight_fn(chunk, start)`` gives the weights of ``x[start:start + len(chunk)]``.
-  Sums are exact while every chunk's weights sum to at most ``2**24``.
+  ``weight_fn(chunk, start)`` gives the weights of a chunk of ``x`` whose first
+  score has flat (row-major) index ``start`` (`flat_index` gives the others).
+  A leaf of more than one axis is reduced in its own shape, split along its
+  first axis only when it holds more than ``CHUNK`` scores (flattened if one
+  slice does). Sums are exact while every chunk's weights sum to at most ``2**24``.
   """
+  if x.ndim == 1:
+    pieces = [(x[a:b], a) for a, b in chunks(x.shape[0])]
+  elif x.size <= CHUNK:
+    pieces = [(x, 0)]
+  elif x.size // x.shape[0] > CHUNK:
+    return reduce(x.reshape(-1), weight_fn, op)
+  else:
+    row = x.size // x.shape[0]
+    step = CHUNK // row
+    pieces = [(x[a:a + step], a * row) for a in range(0, x.shape[0], step)]
   parts = []
-  for a, b in chunks(x.shape[0]):
-    w = weight_fn(x[a:b], a).astype(jnp.uint8)
+  for chunk, start in pieces:
+    w = weight_fn(chunk, start).astype(jnp.uint8)
     parts.append(op(w.astype(jnp.float32)).astype(jnp.int32))
   return parts[0] if len(parts) == 1 else op(jnp.stack(parts))
+
+
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """int32 row-major flat index of every entry of an array of ``shape``, in that shape."""
+  if len(shape) == 1:
+    return lax.iota(jnp.int32, shape[0])
+  index, stride = jnp.zeros(shape, jnp.int32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + stride * lax.broadcasted_iota(jnp.int32, shape, axis)
+    stride *= shape[axis]
+  return index
 
 
 def count_pass(leaves: Sequence[jax.Array], pivot: jax.Array) -> jax.Array:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optg_jax.select import _keys
@@ -28,20 +30,52 @@ class Model(NamedTuple):
 def sample_keys(leaves: Sequence[jax.Array], total: int) -> jax.Array:
   """Sorted keys of a strided sample of about ``SAMPLE`` of the ``total`` scores, ``(S,)``.
 
-  Every leaf contributes in proportion to its size; pools up to ``SAMPLE``
-  are taken whole.
+  Every leaf contributes in proportion to its size (the planner reads every
+  sample point as ``total / S`` scores): a strided grid in the leaf's own
+  shape (`strides`) holding at least that share, thinned to it at evenly
+  spread flat positions. Pools up to ``SAMPLE`` are taken whole.
   """
   parts = []
   for x in leaves:
-    n = x.shape[0]
-    want = n if total <= SAMPLE else round(n * SAMPLE / total)
+    want = x.size if total <= SAMPLE else round(x.size * SAMPLE / total)
     if want < 1:
       continue
-    stride = max(1, n // want)
-    if stride > 1:
-      stride |= 1  # an odd stride does not lock onto even channel counts
-    parts.append(_keys.keys(x[::stride]))
+    grid = x[tuple(slice(None, None, s) for s in strides(x.shape, x.size / want))]
+    picks = np.arange(want, dtype=np.int64) * grid.size // want  # `want` of them, evenly spread
+    parts.append(_keys.keys(grid).reshape(-1)[picks])
   return jnp.sort(jnp.concatenate(parts))
+
+
+SHARDS = 8  # grid strides keep to whole shards of axes split this many ways (or fewer, powers of 2)
+
+
+def strides(shape: tuple[int, ...], ratio: float) -> list[int]:
+  """Per-axis strides of a grid holding at least one in ``ratio`` entries of ``shape``.
+
+  A leaf sharded along one axis is sampled without moving scores between
+  devices (only the grid, sample-sized, is gathered) when the stride divides
+  that axis's shard: on an axis divisible by ``SHARDS`` the stride is a power
+  of 2 dividing ``size / SHARDS``; other axes take any stride. Axes are taken
+  largest first. Should that leave the grid more than twice too big, the
+  largest axis takes the rest (the grid stays small, but a sharded leaf may
+  then move some scores).
+  """
+  out = [1] * len(shape)
+  left = float(ratio)
+  for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if left < 2.0:
+      break
+    size = shape[axis]
+    if size % SHARDS == 0:
+      shard = size // SHARDS
+      step = min(shard & -shard, 1 << int(math.log2(left)))  # & -: largest power of 2 dividing
+    else:
+      step = min(size, int(left))
+    out[axis] = max(1, step)
+    left /= out[axis]
+  if left >= 2.0 and shape:
+    out[max(range(len(shape)), key=lambda i: shape[i])] *= int(left)
+  return out
 
 
 def make_model(sample: jax.Array, total: int) -> Model:

@@ -1,4 +1,4 @@
-"""The counting search for the k-th largest key of a pool of flat leaves.
+"""The counting search for the k-th largest key of a pool of leaves (any shapes).
 
 A bracket ``lo <= T < hi`` around the k-th largest key ``T`` is kept with
 exact per-leaf counts ``#{key >= lo} >= k > #{key >= hi}`` (totals over the
@@ -7,6 +7,11 @@ ends to the measured splits, so the invariant holds whatever the plan; the
 search ends when ``hi == lo + 1``. A step that shrinks neither the key range
 nor the bracket count by a quarter (and is no extent pass) makes the next
 count pass bisect the key range, which bounds the number of steps.
+
+``select(..., planner=False)`` is the baseline the planner is measured
+against (benchmarks/mask_refresh.py): no sample, every step one count pass
+at the key midpoint of the bracket, about 32 passes; the bracket, and so the
+masks, are the same.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from jax import lax
 
 from optg_jax.select import _passes
 from optg_jax.select import _plan
+from optg_jax.select import _keys
 from optg_jax.select import _sample
 from optg_jax.select._keys import KEY_INF, KEY_NAN, KEY_TOP
 from optg_jax.select._passes import SLOTS
@@ -38,22 +44,34 @@ class Bracket(NamedTuple):
   open_lo: jax.Array  # bool, no non-NaN score lies below lo
 
 
-def select(leaves: Sequence[jax.Array], k: jax.Array, done: jax.Array) -> Bracket:
+def select(leaves: Sequence[jax.Array], k: jax.Array, done: jax.Array, *,
+           planner: bool = True) -> Bracket:
   """Bracket with ``hi == lo + 1`` whose ``lo`` is the key of the k-th largest score.
 
   Args:
-    leaves: non-empty flat score arrays.
+    leaves: non-empty score arrays of any shapes.
     k: int32 rank, ``1 <= k <= total`` unless ``done``.
     done: bool; then no pass runs and the bracket is ``[KEY_NAN, KEY_NAN + 1)``
       with every score counted as a tie at ``lo`` (callers use it when every or
       no score is kept).
+    planner: False bisects the key range with plain count passes instead (no
+      sample, no plan): the same bracket in more passes, for benchmarks.
   """
-  total = sum(x.shape[0] for x in leaves)
-  model = _sample.make_model(_sample.sample_keys(leaves, total), total)
+  total = sum(x.size for x in leaves)
   k = jnp.maximum(k, 1)
+  if planner:
+    model = _sample.make_model(_sample.sample_keys(leaves, total), total)
 
   def unfinished(br):
     return lax.bitcast_convert_type(br.hi - br.lo, jnp.uint32) > 1
+
+  def bisect(br):
+    # The midpoint of [lo, hi) with hi >= lo + 2 lies above KEY_NAN, as count passes need.
+    mid = _keys.key_midpoint(br.lo, br.hi)
+    counts = _passes.count_pass(leaves, mid)
+    up = jnp.sum(counts) >= k
+    return br._replace(lo=jnp.where(up, mid, br.lo), hi=jnp.where(up, br.hi, mid),
+                       c_lo=jnp.where(up, counts, br.c_lo), c_hi=jnp.where(up, br.c_hi, counts))
 
   def step(br):
     plan = _plan.plan(model, br, k)
@@ -86,13 +104,13 @@ def select(leaves: Sequence[jax.Array], k: jax.Array, done: jax.Array) -> Bracke
   start = Bracket(
       lo=jnp.int32(KEY_NAN),
       hi=jnp.where(done, KEY_NAN + 1, KEY_TOP).astype(jnp.int32),
-      c_lo=jnp.array([x.shape[0] for x in leaves], jnp.int32),
+      c_lo=jnp.array([x.size for x in leaves], jnp.int32),
       c_hi=jnp.zeros((len(leaves),), jnp.int32),
       stall=jnp.bool_(False),
       top_w=jnp.uint32(0),
       bot_w=jnp.uint32(0),
       open_lo=jnp.bool_(False))
-  return lax.while_loop(unfinished, step, start)
+  return lax.while_loop(unfinished, step if planner else bisect, start)
 
 
 def _measure(leaves: Sequence[jax.Array], br: Bracket, plan: _plan.Plan):

@@ -109,6 +109,19 @@ def topk_mask(scores: jax.Array, k: Any, *, keep_ties: bool = False) -> jax.Arra
   return global_topk_masks(_keys.check_scores(scores, ""), k, keep_ties=keep_ties)
 
 
+def _bisection_topk_masks(scores: Any, k: Any) -> Any:
+  """`global_topk_masks` with the planner off: the same masks, bit for bit.
+
+  Above 65,536 scores the search bisects the key range with plain count
+  passes (no sample, about 32 passes); the baseline that
+  benchmarks/mask_refresh.py measures the planner against. Not public.
+  """
+  leaves, treedef, shapes = _flat_leaves(scores)
+  masks = _global_topk_flat(leaves, k, planner=False)
+  return jax.tree_util.tree_unflatten(
+      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
+
+
 def kth_largest(scores: Any, k: Any) -> jax.Array:
   """The ``k``-th largest score over a pytree (1-based), as a float32 scalar.
 
@@ -122,20 +135,21 @@ def kth_largest(scores: Any, k: Any) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# Flat leaves, jitted.
+# Leaves, jitted.
 # ----------------------------------------------------------------------------
 
 
 def _flat_leaves(scores: Any) -> tuple[list[jax.Array], Any, list[tuple[int, ...]]]:
-  """Checked flat leaves of a pytree of scores, its treedef and the leaf shapes."""
+  """Checked leaves of a pytree of scores (in their own shapes: flattening a leaf sharded
+  along another axis than its first would gather it), its treedef and the leaf shapes."""
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(scores)
   leaves, shapes = [], []
   for path, leaf in paths_leaves:
     where = jax.tree_util.keystr(path) if path else ""
     x = _keys.check_scores(leaf, where)
     shapes.append(x.shape)
-    leaves.append(x.reshape(-1))
-  total = sum(x.shape[0] for x in leaves)
+    leaves.append(x)
+  total = sum(x.size for x in leaves)
   if total > 2**31 - 1:
     raise ValueError(f"scores has {total} entries; at most 2**31 - 1 are supported.")
   return leaves, treedef, shapes
@@ -162,13 +176,13 @@ def _live(leaves: list[jax.Array]) -> list[jax.Array]:
   a loss that builds masks from its own weights) out of the ``custom_vmap``
   functions, which have no JVP rule.
   """
-  return [lax.stop_gradient(x) for x in leaves if x.shape[0] > 0]
+  return [lax.stop_gradient(x) for x in leaves if x.size > 0]
 
 
 def _kth_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
-  """int32 key of the k-th largest score of flat leaves, ``0 <= k <= total``, ``total > 0``
+  """int32 key of the k-th largest score of leaves, ``0 <= k <= total``, ``total > 0``
   (any key for ``k == 0``: callers mask that case)."""
-  total = sum(x.shape[0] for x in leaves)
+  total = sum(x.size for x in leaves)
   if total <= SMALL_TOTAL:
     return jnp.sort(_masks.pooled_keys(leaves))[jnp.clip(total - k, 0, total - 1)]
   return _searched_key(_live(leaves), k)
@@ -180,11 +194,13 @@ def _kth_value(key: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.where(k > 0, value, jnp.inf).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames="keep_ties")
-def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False) -> list[jax.Array]:
-  """Flat bool masks of flat leaves (jitted: calls outside ``jit`` compile once per shape);
-  with ``keep_ties``, ``key >= key of the k-th largest`` (none for ``k == 0``)."""
-  total = sum(x.shape[0] for x in leaves)
+@functools.partial(jax.jit, static_argnames=("keep_ties", "planner"))
+def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False,
+                      planner: bool = True) -> list[jax.Array]:
+  """Bool masks of leaves (jitted: calls outside ``jit`` compile once per shape);
+  with ``keep_ties``, ``key >= key of the k-th largest`` (none for ``k == 0``); ``planner=False``
+  searches by bisection (`_bisection_topk_masks`)."""
+  total = sum(x.size for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
     return [jnp.zeros(x.shape, bool) for x in leaves]
@@ -193,14 +209,15 @@ def _global_topk_flat(leaves: list[jax.Array], k: Any, keep_ties: bool = False) 
     return [_keys.keys(x) >= thresh for x in leaves]
   if total <= SMALL_TOTAL:
     return _masks.by_sort(leaves, k)
-  flat = iter(_searched_masks(_live(leaves), k))
-  return [next(flat) if x.shape[0] else jnp.zeros(x.shape, bool) for x in leaves]
+  search = _searched_masks if planner else _bisected_masks
+  flat = iter(search(_live(leaves), k))
+  return [next(flat) if x.size else jnp.zeros(x.shape, bool) for x in leaves]
 
 
 @jax.jit
 def _kth_largest_flat(leaves: list[jax.Array], k: Any) -> jax.Array:
-  """`kth_largest` of flat leaves (jitted)."""
-  total = sum(x.shape[0] for x in leaves)
+  """`kth_largest` of leaves (jitted)."""
+  total = sum(x.size for x in leaves)
   k = _clip_k(k, total)
   if total == 0:
     return jnp.float32(jnp.inf)
@@ -231,21 +248,30 @@ def _row_by_row(fn):
   return rule
 
 
-@jax.custom_batching.custom_vmap
-def _searched_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Flat masks of non-empty flat leaves by the counting search, ``0 <= k <= total``."""
-  total = sum(x.shape[0] for x in leaves)
-  # Keeping all or no scores needs no threshold: the bracket is then
-  # [KEY_NAN, KEY_NAN + 1) with every score counted as a tie.
-  br = _search.select(leaves, k, (k == 0) | (k >= total))
-  return _masks.from_bracket(leaves, k, br)
+def _masks_searcher(planner: bool):
+  """Masks of non-empty leaves by the counting search, ``0 <= k <= total``
+  (``planner=False``: by bisection)."""
+
+  @jax.custom_batching.custom_vmap
+  def searched(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+    total = sum(x.size for x in leaves)
+    # Keeping all or no scores needs no threshold: the bracket is then
+    # [KEY_NAN, KEY_NAN + 1) with every score counted as a tie.
+    br = _search.select(leaves, k, (k == 0) | (k >= total), planner=planner)
+    return _masks.from_bracket(leaves, k, br)
+
+  searched.def_vmap(_row_by_row(searched))
+  return searched
+
+
+_searched_masks = _masks_searcher(planner=True)
+_bisected_masks = _masks_searcher(planner=False)
 
 
 @jax.custom_batching.custom_vmap
 def _searched_key(leaves: list[jax.Array], k: jax.Array) -> jax.Array:
-  """The key of the k-th largest score of non-empty flat leaves by the counting search."""
+  """The key of the k-th largest score of non-empty leaves by the counting search."""
   return _search.select(leaves, k, k == 0).lo
 
 
-_searched_masks.def_vmap(_row_by_row(_searched_masks))
 _searched_key.def_vmap(_row_by_row(_searched_key))
