@@ -35,7 +35,7 @@ def edge_popup(
     exclude: Iterable[str] = (),
     filter_fn: Callable[[str, Any], bool] | None = None,
     layer_axes: int | Mapping[str, int] | None = None,
-    min_density: float = 0.0,
+    min_density: float | None = None,
 ) -> optax.GradientTransformation:
   """edge-popup as an optax transformation; use it alone (the weights are frozen).
 
@@ -55,7 +55,7 @@ def edge_popup(
       ``'global'`` or a callable.
     exclude, filter_fn, layer_axes: which kernels are masked, and stacked layers.
     min_density: with ``'global'``, each layer keeps at least ``ceil(min_density·n_l)`` (see
-      :class:`~optg_jax.methods.selection.Selection`).
+      :class:`~optg_jax.methods.selection.Selection`); ``None`` or 0: no floor.
 
   Returns:
     A :func:`~optg_jax.methods.scores.trainable_scores` transformation with bool masks that

@@ -66,7 +66,7 @@ def mask_optimizer(
     layer_axes: int | Mapping[str, int] | None = None,
     overrides: Mapping[str, float] | None = None,
     selection_rule: str = "exact",
-    min_density: float = 0.0,
+    min_density: float | None = None,
 ) -> optax.GradientTransformation:
   """OptG: trains scores on ``G ⊙ W`` and prunes by their global top-k on a sparsity schedule.
 
@@ -111,7 +111,8 @@ def mask_optimizer(
     min_density: with ``'global'`` (and ``selection_rule='exact'``), each layer keeps at least
       its own top ``ceil(min_density·n_l)`` scores at every refresh and in ``og.final_masks``,
       the rest of the ``N − floor(p·N)`` kept being the global top-k of the other scores (see
-      :class:`~optg_jax.methods.selection.Selection`); 0 (the reference) puts no floor.
+      :class:`~optg_jax.methods.selection.Selection`); ``None`` or 0 (the reference) puts no
+      floor.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a

@@ -63,7 +63,7 @@ class Selection:
     topk: the kind of top-k: ``'unstructured'`` (the only kind for now).
     rule: ``'exact'`` (exact counts, ties by position) or ``'reference'`` (the OptG code's
       threshold, every tie kept); see :data:`RULES`.
-    min_density: ``d`` in [0, 1], with ``'global'`` and the ``'exact'`` rule: every layer (a
+    min_density: ``d`` in [0, 1] (``None``: 0), with ``'global'`` and the ``'exact'`` rule: every layer (a
       prunable leaf, or a slice of a stacked one along its ``layer_axes`` axis) of ``n_l``
       weights keeps at least its own top ``ceil(d·n_l)`` scores, and the rest of the ``k``
       kept are the global top-k of the others, so that no layer is pruned away (see
@@ -80,7 +80,7 @@ class Selection:
   overrides: Mapping[str, float] | None = None
   topk: str = "unstructured"
   rule: str = "exact"
-  min_density: float = 0.0
+  min_density: float | None = None
 
   def __post_init__(self):
     if not (callable(self.distribution) or self.distribution in distributions.DISTRIBUTIONS):
@@ -191,6 +191,8 @@ class Selection:
 
 def _min_density(value: Any) -> float:
   """``value`` as a float in [0, 1], else ``ValueError``/``TypeError`` naming ``min_density``."""
+  if value is None:
+    return 0.0
   _checks.concrete(value, "min_density")
   if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
     value = np.asarray(value)[()]  # a concrete scalar array (optax.inject_hyperparams makes one)
