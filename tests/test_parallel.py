@@ -22,9 +22,10 @@ STEPS = 20
 PMAP_METHODS = ("optg", "lottery_ticket")
 
 # Runs in a fresh process: XLA_FLAGS must be set before jax is imported. Every method, 20 steps
-# of LeNet-300-100 (266k weights: the global top-k runs its search, not the small-pool sort),
-# 2 epochs of 5 steps: OptG refreshes, GMP prunes, IMP prunes and rewinds twice, CS ends a
-# round, RST extrudes then finetunes; on 1 device, then on 8 replicated and 8 fully sharded.
+# of LeNet-300-100 on 8x8 inputs (50,200 weights, cheap to compile; the sharded search of big
+# pools is checked by tests/test_mask_refresh.py), 2 epochs of 5 steps: OptG refreshes, GMP
+# prunes, IMP prunes and rewinds twice, CS ends a round, RST extrudes then finetunes; on 1
+# device, then on 8 replicated and 8 fully sharded, and pmap for OptG and IMP.
 EIGHT_DEVICES = textwrap.dedent("""
     import json
     import jax
@@ -38,7 +39,7 @@ EIGHT_DEVICES = textwrap.dedent("""
                "rst": {"exclude": ("^classifier/",), "extrusion_epochs": 1}}
     model = models.get_model("lenet300100")
     rng = np.random.default_rng(0)
-    images = rng.random((STEPS, 32, 28, 28, 1), dtype=np.float32)
+    images = rng.random((STEPS, 32, 8, 8, 1), dtype=np.float32)
     labels = rng.integers(0, 10, (STEPS, 32)).astype(np.int32)
     mesh = parallel.local_mesh(32)
 
@@ -47,7 +48,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
     def run(step, state):
       for x, y in zip(images, labels):
-        state, _ = step(state, x, y)
+        state, _ = jax.block_until_ready(step(state, x, y))  # one multi-device program at a time
       return state
 
     def compare(one, other):
@@ -118,8 +119,11 @@ EIGHT_DEVICES = textwrap.dedent("""
 def eight_devices(tmp_path_factory):
   # Backend optimisations off: compiling 30 steps dominates this test and is a third faster;
   # the runs compared are all compiled under the same flags.
-  flags = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
-                                             " --xla_backend_optimization_level=0")
+  # A generous collective timeout (40 s by default): on a loaded 2-core machine one of the 8
+  # device threads can lag far behind the others at an all-reduce.
+  flags = os.environ.get("XLA_FLAGS", "") + (
+      " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+      " --xla_cpu_collective_call_terminate_timeout_seconds=600")
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   package_root = pathlib.Path(optg_jax.__file__).parent.parent  # not resolved: keeps overlays
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root),
@@ -146,12 +150,12 @@ def test_eight_devices_give_the_masks_and_params_of_one(eight_devices, method, m
 def test_every_method_prunes_within_the_twenty_steps(eight_devices):
   """The equalities above compare pruned masks: every method but dense keeps fewer than all."""
   for method, report in eight_devices["methods"].items():
-    assert report["kept"] is None if method == "dense" else 0 < report["kept"] < 266_200, method
+    assert report["kept"] is None if method == "dense" else 0 < report["kept"] < 50_200, method
 
 
 def test_sharded_mode_splits_params_and_masks_along_the_largest_axis(eight_devices):
-  for report in eight_devices["methods"].values():  # 784 / 8 rows of fc1's (784, 300)
-    assert report["fc1_shard"] == [[98, 300], [98, 300]]
+  for report in eight_devices["methods"].values():  # 64 / 8 rows of fc1's (64, 300)
+    assert report["fc1_shard"] == [[8, 300], [8, 300]]
 
 
 def test_fsdp_shardings_pick_the_largest_divisible_axis():
@@ -193,7 +197,7 @@ def test_one_device_mesh_matches_plain_jit_bitwise():
   tx = optax.chain(optg_jax.mask_optimizer(0.5, 0.1, steps_per_epoch=1, total_epochs=2),
                    optax.sgd(0.1, momentum=0.9))
   rng = np.random.default_rng(1)
-  images = rng.random((3, 8, 28, 28, 1), dtype=np.float32)
+  images = rng.random((3, 8, 8, 8, 1), dtype=np.float32)  # 50,200 weights: quick to compile
   labels = rng.integers(0, 10, (3, 8)).astype(np.int32)
   initial = training.init(model, tx, images[0, :1], seed=0)
   mesh = parallel.local_mesh(devices=jax.devices()[:1])
