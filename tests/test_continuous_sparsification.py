@@ -97,7 +97,7 @@ def test_weights_get_the_chain_rule_through_the_mask():
   updates, _ = tx.update(grads, st, params)
   want = jax.grad(lambda w: loss(jax.tree.map(lambda x, m: x * m, w, st.masks), 0))(params)
   for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
-    np.testing.assert_allclose(-u, g, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(-u, g, rtol=2e-5, atol=1e-7)  # float32 reassociation
 
 
 @pytest.mark.parametrize("reset_temperature", [1.0, BETA_T])

@@ -117,12 +117,10 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-  # Backend optimisations off: compiling 30 steps dominates this test and is a third faster;
-  # the runs compared are all compiled under the same flags.
   # A generous collective timeout (40 s by default): on a loaded 2-core machine one of the 8
   # device threads can lag far behind the others at an all-reduce.
   flags = os.environ.get("XLA_FLAGS", "") + (
-      " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+      " --xla_force_host_platform_device_count=8"
       " --xla_cpu_collective_call_terminate_timeout_seconds=600")
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   package_root = pathlib.Path(optg_jax.__file__).parent.parent  # not resolved: keeps overlays
