@@ -17,3 +17,20 @@ def jitted_step(tx: optax.GradientTransformation, loss):
     return optax.apply_updates(params, updates), opt_state, grads
 
   return step
+
+
+def run_under_default_flags(script: str, *args: str, timeout: int = 900) -> None:
+  """Runs ``python script *args`` in a child process under the default XLA flags: without the
+  suite's ``--xla_backend_optimization_level=0`` (conftest.py), for tests whose numbers are
+  pinned (recorded trajectories) or that spend their time running, not compiling."""
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_backend_optimization_level"))
+  env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(
+      filter(None, [str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+  result = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]

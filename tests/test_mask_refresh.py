@@ -34,7 +34,7 @@ def test_quick_mode_rows_and_sharded_masks(tmp_path):
   assert ways["global (bisection only)"]["same_masks"] is True
   assert ways["global, 8 devices sharded"]["same_masks"] is True
   sharded = result["sharded"]
-  assert sharded["sharded_leaves"] == 6
+  assert sharded["sharded_leaves"] == 3
   # Counts are all-reduced; only the sample's pieces are gathered, no leaf is resharded.
   assert sharded["moves_scores"] == [], sharded["moves_scores"]
   assert sharded["moved_elements"] <= 2 * sharded["sample"], sharded  # grids, before thinning

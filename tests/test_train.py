@@ -105,7 +105,7 @@ def _params_and_masks(ckpt):
 # refresh, at step 0, is at the start of the cubic schedule (sparsity 0), so nothing is pruned.
 @pytest.mark.parametrize("method", [m for m in recipes.names()  # rounds: test_train_rounds.py
                                     if not recipes.get_recipe(m).builds_chain])
-def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
+def test_each_method_trains_one_epoch(method, tmp_path, data_dir, capsys):
   _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline"))
   (record,) = _metrics(tmp_path)
   assert (record["epoch"], record["step"]) == (1, SPE)
@@ -128,13 +128,14 @@ def test_each_method_trains_one_epoch(method, tmp_path, data_dir):
   assert [layer["name"] for layer in summary["report"]["layers"]] == [
       "fc1/kernel", "fc2/kernel", "classifier/kernel"]  # as the network runs
   assert _final_checkpoint(tmp_path)[0] == SPE
+  if method in ("optg", "signed_supermask"):
+    _check_the_compact_model(method, tmp_path, data_dir, capsys)
 
 
-@pytest.mark.parametrize("method", ["optg", "signed_supermask"])
-def test_the_job_ships_a_compact_model_that_infer_reproduces(method, tmp_path, data_dir, capsys):
-  """result.json names model.ospk; examples/infer.py loads it and prints the summary's accuracy
-  (dense load exactly; sparse inference within one test example of 100)."""
-  _run(_tiny(data_dir, "--method", method, "--workdir", tmp_path, "--no-dense-baseline"))
+def _check_the_compact_model(method, tmp_path, data_dir, capsys):
+  """The job ships a compact model that infer reproduces: result.json names model.ospk;
+  examples/infer.py loads it and prints the summary's accuracy (dense load exactly; sparse
+  inference within one test example of 100)."""
   result = json.loads((tmp_path / "result.json").read_text())
   compact = result["compact_model"]
   assert compact["bytes"] == (tmp_path / "model.ospk").stat().st_size
@@ -152,8 +153,6 @@ def test_the_job_ships_a_compact_model_that_infer_reproduces(method, tmp_path, d
   (tmp_path / "model.ospk").write_bytes(bytes(data[:-10]))
   assert infer.main(["--workdir", str(tmp_path), "--data-dir", data_dir]) == 2
   assert "checksum" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("method,constant", [("signed_supermask", 3.0),
                                              ("edge_popup", 2.0)])
 def test_supermask_methods_keep_their_constant_weights_frozen_in_the_job(method, constant,

@@ -8,9 +8,7 @@ in its commit. They are recomputed in a child process under the default XLA flag
 compiles without backend optimisations, see conftest.py), as users run them.
 """
 
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -102,13 +100,7 @@ def record() -> None:
 def recomputed(tmp_path_factory):
   """Every configuration's trajectory, computed in a child process under the default flags."""
   out = tmp_path_factory.mktemp("trajectories") / "now.npz"
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_backend_optimization_level"))
-  env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(
-      filter(None, [str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH")])))
-  result = subprocess.run([sys.executable, __file__, "--compute", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  helpers.run_under_default_flags(__file__, "--compute", str(out))
   return dict(np.load(out))
 
 
