@@ -26,3 +26,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="optg_jax_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+# The longest files start first, so that the two xdist workers (one file at a time) do not end
+# with one of them running a long file alone; the others keep their order.
+_LONGEST_FIRST = ("test_parallel.py", "test_train.py", "test_end_to_end.py",
+                  "test_trajectories.py", "test_train_rounds.py", "test_export.py",
+                  "test_mask_refresh.py", "test_faults.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
