@@ -120,10 +120,8 @@ def global_mesh(batch_size: int | None = None, *, axis_name: str = parallel.DATA
   """
   devices = sorted(jax.devices() if devices is None else devices,
                    key=lambda d: (d.process_index, d.id))
-  if batch_size is not None and (not _is_int(batch_size) or batch_size < 1
-                                 or batch_size % max(len(devices), 1)):
-    raise ValueError(f"batch_size must be a positive multiple of the mesh's {len(devices)} "
-                     f"devices, got {batch_size!r}")
+  if batch_size is not None:
+    _check_batch_size(batch_size, len(devices))
   return parallel.local_mesh(axis_name=axis_name, devices=devices)
 
 
@@ -135,9 +133,7 @@ def local_rows(batch_size: int, mesh: Mesh) -> slice:
       contiguous (a mesh not built by :func:`global_mesh`).
   """
   n = mesh.devices.size
-  if not _is_int(batch_size) or batch_size < 1 or batch_size % n:
-    raise ValueError(f"batch_size must be a positive multiple of the mesh's {n} devices, "
-                     f"got {batch_size!r}")
+  _check_batch_size(batch_size, n)
   index_map = parallel.batch_sharded(mesh).addressable_devices_indices_map((batch_size,))
   starts = sorted({index[0].start or 0 for index in index_map.values()})
   per_device = batch_size // n
@@ -166,12 +162,17 @@ def global_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
     raise ValueError(f"process {jax.process_index()} has no device on the mesh")
 
   def put(path, x):
-    if np.ndim(x) == 0 or np.shape(x)[0] % n_local:
-      raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} of shape {np.shape(x)} "
-                       f"cannot be split over this process's {n_local} devices")
+    parallel._check_divisible(  # pylint: disable=protected-access
+        path, x, n_local, "this process's ")
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree_util.tree_map_with_path(put, local_batch)
+
+
+def _check_batch_size(batch_size: Any, n: int) -> None:
+  if not _is_int(batch_size) or batch_size < 1 or batch_size % max(n, 1):
+    raise ValueError(f"batch_size must be a positive multiple of the mesh's {n} devices, "
+                     f"got {batch_size!r}")
 
 
 def _is_int(x: Any) -> bool:

@@ -107,13 +107,19 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   initial scores and momentum) to one output buffer, which a step with ``donate_state`` could
   not take twice.
   """
-  return jax.device_put(jax.tree.map(jnp.copy, tree), replicated(mesh))
+  return _put_copies(tree, replicated(mesh))
 
 
-def _check_divisible(path: Any, x: Any, n: int) -> None:
+def _put_copies(tree: PyTree, shardings: Any) -> PyTree:
+  return jax.device_put(jax.tree.map(jnp.copy, tree), shardings)
+
+
+def _check_divisible(path: Any, x: Any, n: int, devices: str = "") -> None:
+  """Raises unless the batch leaf ``x`` at ``path`` splits over ``n`` devices (``devices``
+  names them in the message: ``"this process's "``)."""
   if np.ndim(x) == 0 or np.shape(x)[0] % n:
     raise ValueError(f"batch leaf {jax.tree_util.keystr(path)!r} of shape {np.shape(x)} "
-                     f"cannot be split over {n} devices")
+                     f"cannot be split over {devices}{n} devices")
 
 
 def shard(batch: PyTree, mesh: Mesh) -> PyTree:
@@ -140,10 +146,15 @@ def data_parallel(fn: Callable[..., Any], mesh: Mesh, *, donate_state: bool = Fa
   function itself. With ``donate_state`` the input state's buffers are reused for the output
   (pass the state on, never reuse the one given).
   """
+  return _jitted_step(fn, mesh, replicated(mesh), replicated(mesh), donate_state)
+
+
+def _jitted_step(fn: Callable[..., Any], mesh: Mesh, state_sharding: Any, out_sharding: Any,
+                 donate_state: bool) -> Callable[..., Any]:
+  """``jax.jit`` of ``fn(state, *batch)``, each batch argument split over ``mesh``."""
   jitted = jax.jit(lambda state, batch: fn(state, *batch),
-                   in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=replicated(mesh),
-                   donate_argnums=(0,) if donate_state else ())
+                   in_shardings=(state_sharding, batch_sharded(mesh)),
+                   out_shardings=out_sharding, donate_argnums=(0,) if donate_state else ())
   return lambda state, *batch: jitted(state, batch)
 
 
@@ -173,7 +184,7 @@ def fsdp_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def shard_state(state: PyTree, mesh: Mesh) -> PyTree:
   """Places ``state`` as :func:`fsdp_shardings` says (copies first, as :func:`replicate`)."""
-  return jax.device_put(jax.tree.map(jnp.copy, state), fsdp_shardings(state, mesh))
+  return _put_copies(state, fsdp_shardings(state, mesh))
 
 
 def fully_sharded(fn: Callable[..., Any], mesh: Mesh, state: PyTree, *,
@@ -187,10 +198,7 @@ def fully_sharded(fn: Callable[..., Any], mesh: Mesh, state: PyTree, *,
   """
   shardings = fsdp_shardings(state, mesh)
   out = (shardings, replicated(mesh)) if returns_state else replicated(mesh)
-  jitted = jax.jit(lambda state, batch: fn(state, *batch),
-                   in_shardings=(shardings, batch_sharded(mesh)), out_shardings=out,
-                   donate_argnums=(0,) if donate_state else ())
-  return lambda state, *batch: jitted(state, batch)
+  return _jitted_step(fn, mesh, shardings, out, donate_state)
 
 
 def replicate_for_pmap(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:

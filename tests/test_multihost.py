@@ -197,7 +197,7 @@ def test_one_process_global_batch_is_shard():
 
 def test_bad_arguments_fail_clearly():
   mesh = multihost.global_mesh(devices=jax.devices()[:1])
-  with pytest.raises(ValueError, match=r"batch leaf \['label'\] of shape \(\) cannot be split"):
+  with pytest.raises(ValueError, match=r"batch leaf \"\['label'\]\" of shape \(\) cannot be split"):
     multihost.global_batch({"image": np.zeros((2, 3)), "label": np.int32(1)}, mesh)
   with pytest.raises(ValueError, match="batch_size must be a positive multiple"):
     multihost.global_mesh(0)
