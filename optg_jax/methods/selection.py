@@ -63,9 +63,9 @@ class Selection:
     topk: the kind of top-k: ``'unstructured'`` (the only kind for now).
     rule: ``'exact'`` (exact counts, ties by position) or ``'reference'`` (the OptG code's
       threshold, every tie kept); see :data:`RULES`.
-    min_density: ``d`` in [0, 1] (``None``: 0), with ``'global'`` and the ``'exact'`` rule: every layer (a
-      prunable leaf, or a slice of a stacked one along its ``layer_axes`` axis) of ``n_l``
-      weights keeps at least its own top ``ceil(d·n_l)`` scores, and the rest of the ``k``
+    min_density: ``d`` in [0, 1] (``None``: 0), with ``'global'`` and the ``'exact'`` rule:
+      every layer (a prunable leaf, or a slice of a stacked one along its ``layer_axes`` axis) of
+      ``n_l`` weights keeps at least its own top ``ceil(d·n_l)`` scores, and the rest of the ``k``
       kept are the global top-k of the others, so that no layer is pruned away (see
       :func:`optg_jax.masks.floored_global_masks`). The floors are static; their sum above
       the ``k`` kept at the final sparsity is a ``ValueError`` at the first selection (at
@@ -168,11 +168,10 @@ class Selection:
     reference = self.rule == "reference"
     if self.distribution == "global":
       scaled = masks_lib.ScaledSparsity(final_sparsity, fraction)
-      if self.min_density:
+      if not reference:  # min_density needs the exact rule
+        axes = self._axes(params, prunable) if self.min_density else None
         return masks_lib.global_masks(scores, prunable, scaled, min_density=self.min_density,
-                                      layer_axes=self._axes(params, prunable))
-      if not reference:
-        return masks_lib.global_masks(scores, prunable, scaled)
+                                      layer_axes=axes)
       pooled = _trees_only(prunable, scores)
       n = sum(int(np.size(s)) for s in jax.tree_util.tree_leaves(pooled))
       picked = select.global_topk_masks(pooled, _reference_keep(n, scaled), keep_ties=True)
