@@ -1,4 +1,10 @@
-"""What several test modules share: the one train step of the design, jitted."""
+"""What several test modules share: the one train step of the design, jitted, and child
+processes under the default XLA flags."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import optax
@@ -23,10 +29,6 @@ def run_under_default_flags(script: str, *args: str, timeout: int = 900) -> None
   """Runs ``python script *args`` in a child process under the default XLA flags: without the
   suite's ``--xla_backend_optimization_level=0`` (conftest.py), for tests whose numbers are
   pinned (recorded trajectories) or that spend their time running, not compiling."""
-  import os  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                    if not f.startswith("--xla_backend_optimization_level"))
   env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(
