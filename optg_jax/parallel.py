@@ -22,8 +22,8 @@ Two more modes run the same step:
   each device holds about ``1/n`` of the state. XLA gathers the weights for the forward pass and
   reduce-scatters the gradients; the mask refresh's exact global top-k runs on the sharded
   scores: its passes are elementwise kernels followed by sums, so every device counts its own
-  shard and only the per-leaf counts are all-reduced, never the scores (only the ~65k-score
-  sample that seeds the search is gathered).
+  shard and only the per-leaf counts are all-reduced, never the scores (only the sample of at
+  most 65,536 scores that seeds the search is gathered).
 * **pmap** (:func:`pmapped`), for code bases built on ``jax.pmap``: the state carries a leading
   device axis (:func:`replicate_for_pmap`), each batch is split into ``(n, B/n, ...)``, and the
   step is built with ``training.make_train_step(model, tx, axis_name=parallel.DATA_AXIS)`` so

@@ -11,9 +11,10 @@ the leaves of a tree the earlier leaf (``jax.tree_util.tree_leaves`` order)
 first. Keys, never float comparisons, rank the scores, so the result is the
 same with or without denormals-are-zero modes and on every backend.
 
-Algorithm. Pools of at most 65,536 scores are ranked by one stable sort of
-their keys. Bigger pools search for the k-th largest key ``T`` (`_search`): a
-strided sample of about 65k scores is sorted once (`_sample`), then each step
+Algorithm. Pools of at most 8,192 scores are ranked by one sort of their keys
+(`_masks.by_sort`). Bigger pools search for the k-th largest key ``T``
+(`_search`): a strided sample of one in 128 scores (1,024 to 65,536 of them,
+`_sample.sample_size`) is sorted once (`_sample`), then each step
 makes one streaming pass over all scores (`_passes`) that counts exactly how
 many lie at or above one or more split keys, chosen by the planner (`_plan`)
 from the sample and the exact counts so far:

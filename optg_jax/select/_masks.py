@@ -75,10 +75,19 @@ def pooled_keys(leaves: Sequence[jax.Array]) -> jax.Array:
 
 
 def by_sort(leaves: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Masks of a small pool, ranked by one stable sort of its keys."""
+  """Masks of a small pool from one sort of its int32 keys, exactly ``k`` kept.
+
+  Every key above the k-th largest one ``T`` is kept, then the ties at ``T`` in pool order
+  (earlier leaves, then lower flat indices) up to ``k`` in all: the ranks of a stable
+  descending sort. A single-operand int32 sort is the fast one on XLA's CPU backend (about 8x
+  an argsort with its index payload, or a float sort with its total-order comparator).
+  """
   keys = pooled_keys(leaves)
-  order = jnp.argsort(~keys, stable=True)  # ~key reverses the order without overflow
-  ranks = jnp.zeros(keys.shape, jnp.int32).at[order].set(jnp.arange(keys.size, dtype=jnp.int32))
-  keep = ranks < k
+  n = keys.size
+  kth = jnp.sort(keys)[jnp.clip(n - k, 0, n - 1)]
+  above = keys > kth
+  tied = keys == kth
+  ties_kept = k - jnp.sum(above, dtype=jnp.int32)  # 0 when k == 0: kth is then the largest key
+  keep = above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= ties_kept))
   bounds = np.cumsum([0] + [x.size for x in leaves])
   return [keep[a:b].reshape(x.shape) for a, b, x in zip(bounds[:-1], bounds[1:], leaves)]

@@ -16,7 +16,21 @@ from optg_jax.select import _keys
 if TYPE_CHECKING:
   from optg_jax.select._search import Bracket
 
-SAMPLE = 1 << 16  # target sample size
+SAMPLE = 1 << 16  # the largest sample
+MIN_SAMPLE = 1 << 10  # the smallest sample
+SCORES_PER_POINT = 128  # the sample aims at one point per this many scores
+
+
+def sample_size(total: int) -> int:
+  """The sample size for a pool of ``total`` scores: ``total / 128`` rounded down to a power of
+  2, within ``[1024, 65536]``.
+
+  Sorting the sample then costs about a quarter of one count pass over the pool (an int32 sort
+  costs some 50 ns a key on a CPU, a pass some 0.3 ns a score), while a bigger sample saves
+  at most a pass or two (measured in benchmarks/mask_refresh.py).
+  """
+  want = max(MIN_SAMPLE, total // SCORES_PER_POINT)
+  return min(SAMPLE, 1 << (want.bit_length() - 1))
 
 
 class Model(NamedTuple):
@@ -28,16 +42,17 @@ class Model(NamedTuple):
 
 
 def sample_keys(leaves: Sequence[jax.Array], total: int) -> jax.Array:
-  """Sorted keys of a strided sample of about ``SAMPLE`` of the ``total`` scores, ``(S,)``.
+  """Sorted keys of a strided sample of about ``sample_size(total)`` of the ``total`` scores.
 
   Every leaf contributes in proportion to its size (the planner reads every
   sample point as ``total / S`` scores): a strided grid in the leaf's own
   shape (`strides`) holding at least that share, thinned to it at evenly
-  spread flat positions. Pools up to ``SAMPLE`` are taken whole.
+  spread flat positions. Pools up to that size are taken whole.
   """
+  size = sample_size(total)
   parts = []
   for x in leaves:
-    want = x.size if total <= SAMPLE else round(x.size * SAMPLE / total)
+    want = x.size if total <= size else round(x.size * size / total)
     if want < 1:
       continue
     grid = x[tuple(slice(None, None, s) for s in strides(x.shape, x.size / want))]

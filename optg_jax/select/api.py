@@ -17,7 +17,7 @@ from optg_jax.select import _masks
 from optg_jax.select import _search
 from optg_jax.select._keys import KEY_NAN, KEY_TOP
 
-SMALL_TOTAL = 1 << 16  # pools up to this many scores are ranked by one sort
+SMALL_TOTAL = 1 << 13  # pools up to this many scores are ranked by one sort (_masks.by_sort)
 ROUNDINGS = ("floor", "ceil")
 """How `keep_count` rounds the pruned count ``sparsity * n``."""
 
@@ -65,8 +65,8 @@ def keep_count(n: int, sparsity: Any, *, rounding: str = "floor") -> int | jax.A
 def global_topk_masks(scores: Any, k: Any, *, keep_ties: bool = False) -> Any:
   """Masks keeping exactly the ``k`` largest scores over a whole pytree.
 
-  Works leaf by leaf: above 65,536 scores in all the leaves are never
-  concatenated (only a sample of about 65k is). Jits, vmaps (``k`` may differ
+  Works leaf by leaf: above 8,192 scores in all the leaves are never
+  concatenated (only a sample of at most 65,536 is). Jits, vmaps (``k`` may differ
   per row) and lets gradients through (the selection itself has none).
 
   Args:
@@ -112,7 +112,7 @@ def topk_mask(scores: jax.Array, k: Any, *, keep_ties: bool = False) -> jax.Arra
 def _bisection_topk_masks(scores: Any, k: Any) -> Any:
   """`global_topk_masks` with the planner off: the same masks, bit for bit.
 
-  Above 65,536 scores the search bisects the key range with plain count
+  Above 8,192 scores the search bisects the key range with plain count
   passes (no sample, about 32 passes); the baseline that
   benchmarks/mask_refresh.py measures the planner against. Not public.
   """
