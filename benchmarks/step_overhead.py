@@ -22,6 +22,11 @@ that scores and momenta are not all zeros, see :func:`at_step`). The update of a
   signed supermask and edge-popup recompute the mask in every update (every step refreshes: the
   steady step is their refresh step).
 
+For the methods whose refresh is a top-k of a score (:data:`REFRESH_POOL`), the refresh step
+is also compared with *a dense step plus one mask refresh*: the same top-k (the method's
+distribution, ``og.Selection(...).masks`` of ``|W|`` at the target), jitted alone and timed in
+the same rounds (the issue's target: ``refresh / (dense + selection) <= 1``).
+
 Timing: a warm-up, then ``--repeats`` interleaved rounds (method step, dense step, method step,
 ...) with ``block_until_ready``; the ratio is the median method time over the median dense time
 of the same rounds, in one process. The same state is stepped again each time (no donation),
@@ -49,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import optg_jax as og
 from optg_jax import models
 from optg_jax import recipes
 from optg_jax import training
@@ -61,6 +67,9 @@ INIT_ONLY = ("magnitude", "random")
 """Methods whose mask is selected at init only: no update refreshes it."""
 EVERY_STEP = ("signed_supermask", "edge_popup")
 """Methods that recompute the mask in every update: every step is a refresh step."""
+REFRESH_POOL = {"optg": "global", "gmp": "uniform", "snip": "global", "lottery_ticket": "global"}
+"""The distribution of the top-k that each method's refresh step runs (its default): the
+refresh step is compared with a dense step plus this selection timed alone."""
 
 
 def method_names(spec: str | None) -> list[str]:
@@ -152,15 +161,28 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
       state = at_step(built["state"], count)
       fns = {"method": lambda x, s=state: jax.block_until_ready(built["step"](s, *x)),
              "dense": lambda x: jax.block_until_ready(dense["step"](dense_state, *x))}
+      if kind == "refresh" and method in REFRESH_POOL:
+        fns["selection"] = selection_fn(REFRESH_POOL[method], built["state"].params, sparsity)
       ms = time_ms(fns, (images, labels), repeats)
       rows.append({"model": model_name, "batch": batch, "method": method, "kind": kind,
                    "count": count, "every_step_refreshes": method in EVERY_STEP,
                    "method_ms": ms["method"], "dense_ms": ms["dense"],
                    "ratio": ms["method"] / ms["dense"], "compile_s": built["compile_s"],
                    "dense_compile_s": dense["compile_s"]})
+      if "selection" in ms:
+        rows[-1].update(selection_ms=ms["selection"],
+                        vs_dense_plus_selection=ms["method"] / (ms["dense"] + ms["selection"]))
       print(f"# {model_name} {method} {kind} (count {count}): {rows[-1]['ratio']:.3f}x",
             file=sys.stderr, flush=True)
   return rows
+
+
+def selection_fn(distribution: str, params: Any, sparsity: float):
+  """``x -> masks``: one mask refresh alone, the top-k of ``|W|`` over the prunable leaves of
+  ``params`` at ``sparsity`` with ``distribution`` (jitted; ``x`` is ignored)."""
+  selection = og.Selection(distribution)
+  select = jax.jit(lambda p: selection.masks(jax.tree.map(jnp.abs, p), p, 1.0, sparsity))
+  return lambda x: jax.block_until_ready(select(params))
 
 
 def refresh_note(method: str) -> str:
@@ -174,7 +196,7 @@ def refresh_note(method: str) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
   """One line per model and method: steady and refresh step / dense, ms, compile times."""
   head = ["model (batch)", "method", "steady step / dense", "refresh step / dense",
-          "dense step ms", "compile s (method / dense)"]
+          "refresh / (dense + selection)", "dense step ms", "compile s (method / dense)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
   for r in rows:
@@ -185,8 +207,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                else refresh_note(method))
     if method in EVERY_STEP:
       refresh = f"{steady['ratio']:.3f} (every step)"
+    budget = kinds.get("refresh", {}).get("vs_dense_plus_selection")
+    budget = "-" if budget is None else (
+        f"{budget:.3f} (selection {kinds['refresh']['selection_ms']:.3g} ms)")
     lines.append(f"| {model} ({steady['batch']}) | {method} | {steady['ratio']:.3f} | "
-                 f"{refresh} | {steady['dense_ms']:.3g} | "
+                 f"{refresh} | {budget} | {steady['dense_ms']:.3g} | "
                  f"{steady['compile_s']:.2f} / {steady['dense_compile_s']:.2f} |")
   return "\n".join(lines)
 

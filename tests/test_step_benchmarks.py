@@ -32,6 +32,13 @@ def test_step_overhead_quick_gives_a_positive_ratio_per_method_and_kind_of_step(
   for row in result["rows"]:
     for key in ("ratio", "method_ms", "dense_ms", "compile_s", "dense_compile_s"):
       assert math.isfinite(row[key]) and row[key] > 0, (row["method"], row["kind"], key)
+  # Refresh steps that run a top-k are set beside a dense step plus that top-k timed alone.
+  for method in ("optg", "gmp"):
+    row = kinds[(method, "refresh")]
+    assert row["selection_ms"] > 0
+    assert row["vs_dense_plus_selection"] == pytest.approx(
+        row["method_ms"] / (row["dense_ms"] + row["selection_ms"]))
+  assert "selection_ms" not in kinds[("optg", "steady")]
   assert "| lenet300100 (128) | optg |" in stdout
 
 
