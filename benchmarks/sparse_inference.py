@@ -101,11 +101,14 @@ def forward_fns(params: dict, sparse_bcoo: dict) -> dict[str, Callable]:
   return fns
 
 
-def time_ms(fns: dict[str, Callable], x: np.ndarray, repeats: int) -> dict[str, float]:
+def time_ms(fns: dict[str, Callable], x: np.ndarray, repeats: int,
+            calls: int = 1) -> dict[str, float]:
   """Median wall time of each ``fn(x)`` in milliseconds, after two warm-up calls each.
 
-  The layouts take turns (one call each per round), so a load change on a shared machine
-  affects all of them alike and the ratios to dense stay comparable.
+  The layouts take turns (one sample each per round), so a load change on a shared machine
+  affects all of them alike and the ratios to dense stay comparable. A sample is the mean of
+  ``calls`` back-to-back calls (several for millisecond calls, whose single times are at the
+  mercy of the scheduler).
   """
   for fn in fns.values():
     fn(x)
@@ -114,8 +117,9 @@ def time_ms(fns: dict[str, Callable], x: np.ndarray, repeats: int) -> dict[str, 
   for _ in range(repeats):
     for name, fn in fns.items():
       t0 = time.perf_counter()
-      fn(x)
-      times[name].append((time.perf_counter() - t0) * 1e3)
+      for _ in range(calls):
+        fn(x)
+      times[name].append((time.perf_counter() - t0) * 1e3 / calls)
   return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -28,8 +28,10 @@ distribution, ``og.Selection(...).masks`` of ``|W|`` at the target), jitted alon
 the same rounds (the issue's target: ``refresh / (dense + selection) <= 1``).
 
 Timing: a warm-up, then ``--repeats`` interleaved rounds (method step, dense step, method step,
-...) with ``block_until_ready``; the ratio is the median method time over the median dense time
-of the same rounds, in one process. The same state is stepped again each time (no donation),
+...) with ``block_until_ready``, each sample the mean of ``--calls`` back-to-back calls (by
+default enough for about 20 ms: a single millisecond step is at the mercy of the scheduler);
+the ratio is the median method time over the median dense time of the same rounds, in one
+process. The same state is stepped again each time (no donation),
 so each call does the same work. Prints a Markdown table and writes JSON (``--out``)::
 
   python benchmarks/step_overhead.py --out step_overhead.json          # LeNet-300-100, b128
@@ -132,8 +134,18 @@ def build(model_name: str, method: str, images: np.ndarray, labels: np.ndarray, 
   return {"step": step, "state": jax.block_until_ready(state), "compile_s": compile_s}
 
 
+def calls_for(fn, target_ms: float = 20.0) -> int:
+  """How many back-to-back calls of ``fn()`` take about ``target_ms`` (at least 1)."""
+  fn()
+  start = time.perf_counter()
+  for _ in range(3):
+    fn()
+  each_ms = (time.perf_counter() - start) * 1e3 / 3
+  return max(1, round(target_ms / each_ms))
+
+
 def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
-              sparsity: float, steps_per_epoch: int, epochs: int,
+              sparsity: float, steps_per_epoch: int, epochs: int, calls: int | None = None,
               hlo_dir: str | None = None) -> list[dict[str, Any]]:
   """One row per method and kind of step (``'steady'``, ``'refresh'``): times in ms, ratio to
   the dense step of the same interleaved rounds, compile times in s. With ``hlo_dir``, each
@@ -144,6 +156,8 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
   kwargs = {"sparsity": sparsity, "steps_per_epoch": steps_per_epoch, "epochs": epochs}
   dense = build(model_name, "dense", images, labels, **kwargs)
   dense_state = at_step(dense["state"], epochs // 2 * steps_per_epoch)
+  if calls is None:
+    calls = calls_for(lambda: jax.block_until_ready(dense["step"](dense_state, images, labels)))
   rows = []
   for method in methods:
     built = build(model_name, method, images, labels, **kwargs)
@@ -163,9 +177,9 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
              "dense": lambda x: jax.block_until_ready(dense["step"](dense_state, *x))}
       if kind == "refresh" and method in REFRESH_POOL:
         fns["selection"] = selection_fn(REFRESH_POOL[method], built["state"].params, sparsity)
-      ms = time_ms(fns, (images, labels), repeats)
+      ms = time_ms(fns, (images, labels), repeats, calls)
       rows.append({"model": model_name, "batch": batch, "method": method, "kind": kind,
-                   "count": count, "every_step_refreshes": method in EVERY_STEP,
+                   "count": count, "calls": calls, "every_step_refreshes": method in EVERY_STEP,
                    "method_ms": ms["method"], "dense_ms": ms["dense"],
                    "ratio": ms["method"] / ms["dense"], "compile_s": built["compile_s"],
                    "dense_compile_s": dense["compile_s"]})
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--methods", default=None,
                       help="comma-separated (default: every registered method but dense)")
   parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds")
+  parser.add_argument("--calls", type=int, default=None,
+                      help="back-to-back calls per sample (default: about 20 ms of dense steps)")
   parser.add_argument("--sparsity", type=float, default=0.9)
   parser.add_argument("--steps-per-epoch", type=int, default=100)
   parser.add_argument("--epochs", type=int, default=10, help="even (see refresh_count)")
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
   batch = args.batch or BATCH[model]
   rows = run_model(model, methods, batch=batch, repeats=repeats, sparsity=args.sparsity,
                    steps_per_epoch=args.steps_per_epoch, epochs=args.epochs,
-                   hlo_dir=args.dump_hlo)
+                   calls=1 if args.quick else args.calls, hlo_dir=args.dump_hlo)
   table = markdown(rows)
   print(table)
   if args.out:
