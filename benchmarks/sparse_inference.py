@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,24 +102,31 @@ def forward_fns(params: dict, sparse_bcoo: dict) -> dict[str, Callable]:
   return fns
 
 
-def time_ms(fns: dict[str, Callable], x: np.ndarray, repeats: int,
-            calls: int = 1) -> dict[str, float]:
+def time_ms(fns: dict[str, Callable], x: Any, repeats: int, calls: int = 1,
+            fresh: dict[str, Callable[[], Any]] | None = None) -> dict[str, float]:
   """Median wall time of each ``fn(x)`` in milliseconds, after two warm-up calls each.
 
   The layouts take turns (one sample each per round), so a load change on a shared machine
   affects all of them alike and the ratios to dense stay comparable. A sample is the mean of
   ``calls`` back-to-back calls (several for millisecond calls, whose single times are at the
-  mercy of the scheduler).
+  mercy of the scheduler). ``fresh[name]()`` makes a new argument for each call of that fn,
+  outside the timed region (a step that donates its input needs a new one each call).
   """
-  for fn in fns.values():
-    fn(x)
-    fn(x)
+  fresh = fresh or {}
+
+  def args(name: str, n: int) -> list[Any]:
+    return jax.block_until_ready([fresh[name]() for _ in range(n)]) if name in fresh else [x] * n
+
+  for name, fn in fns.items():
+    for a in args(name, 2):
+      fn(a)
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      todo = args(name, calls)
       t0 = time.perf_counter()
-      for _ in range(calls):
-        fn(x)
+      for a in todo:
+        fn(a)
       times[name].append((time.perf_counter() - t0) * 1e3 / calls)
   return {name: statistics.median(t) for name, t in times.items()}
 

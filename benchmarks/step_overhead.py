@@ -4,8 +4,9 @@ For each method of ``optg_jax.recipes.names()`` (``'dense'`` is the baseline) th
 method's reference chain (``recipes.make_optimizer``: the method, then weight decay and SGD
 momentum; the method alone for frozen-weight methods; the method's own chain for methods with
 rounds), the design's one train step (``training.make_train_step``) on the same model and the
-same batch, and compiles it ahead of time (``jax.jit(step).lower(...).compile()``, whose wall
-time is the *compile time*, in seconds). The dense step is the ``'dense'`` recipe's chain
+same batch, and compiles it ahead of time, donating the state as the main job's step does
+(``jax.jit(step, donate_argnums=0).lower(...).compile()``, whose wall time is the *compile
+time*, in seconds; ``--no-donate`` for a step that keeps its input). The dense step is the ``'dense'`` recipe's chain
 (``identity → add_decayed_weights → sgd(momentum)``) on the same model and batch.
 
 Two kinds of step are timed, from states set to a chosen step count (every ``count`` and
@@ -31,8 +32,8 @@ Timing: a warm-up, then ``--repeats`` interleaved rounds (method step, dense ste
 ...) with ``block_until_ready``, each sample the mean of ``--calls`` back-to-back calls (by
 default enough for about 20 ms: a single millisecond step is at the mercy of the scheduler);
 the ratio is the median method time over the median dense time of the same rounds, in one
-process. The same state is stepped again each time (no donation),
-so each call does the same work. Prints a Markdown table and writes JSON (``--out``)::
+process. Each call steps a fresh copy of the same state (made outside the timed region, since
+the step consumes its input), so each call does the same work. Prints a Markdown table and writes JSON (``--out``)::
 
   python benchmarks/step_overhead.py --out step_overhead.json          # LeNet-300-100, b128
   python benchmarks/step_overhead.py --model resnet20                   # CIFAR ResNet-20, b128
@@ -117,9 +118,11 @@ def at_step(opt_state: Any, t: int) -> Any:
 
 
 def build(model_name: str, method: str, images: np.ndarray, labels: np.ndarray, *,
-          sparsity: float, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
-  """The compiled step of ``method`` on ``model_name``, its compile time (s) and its state after
-  two real steps from init."""
+          sparsity: float, steps_per_epoch: int, epochs: int, donate: bool = True
+          ) -> dict[str, Any]:
+  """The compiled step of ``method`` on ``model_name`` (donating its state, as the main job's
+  step does, unless ``donate`` is false), its compile time (s) and its state after two real
+  steps from init."""
   model = models.get_model(model_name)
   options = method_options(method, model_name)
   tx = recipes.make_optimizer(method, sparsity, steps_per_epoch=steps_per_epoch, epochs=epochs,
@@ -127,11 +130,17 @@ def build(model_name: str, method: str, images: np.ndarray, labels: np.ndarray, 
   state = training.init(model, tx, images[:1], seed=0, init_params=functools.partial(
       recipes.init_params, method, seed=0, **options))
   start = time.perf_counter()
-  step = jax.jit(training.make_train_step(model, tx)).lower(state, images, labels).compile()
+  step = jax.jit(training.make_train_step(model, tx), donate_argnums=(0,) if donate else ()
+                 ).lower(state, images, labels).compile()
   compile_s = time.perf_counter() - start
   for _ in range(2):
     state, _ = step(state, images, labels)
   return {"step": step, "state": jax.block_until_ready(state), "compile_s": compile_s}
+
+
+def copy_of(state: Any) -> Any:
+  """A copy of ``state`` in new buffers: a donating step consumes the one it is given."""
+  return jax.tree.map(jnp.copy, state)
 
 
 def calls_for(fn, target_ms: float = 20.0) -> int:
@@ -146,18 +155,20 @@ def calls_for(fn, target_ms: float = 20.0) -> int:
 
 def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
               sparsity: float, steps_per_epoch: int, epochs: int, calls: int | None = None,
-              hlo_dir: str | None = None) -> list[dict[str, Any]]:
+              donate: bool = True, hlo_dir: str | None = None) -> list[dict[str, Any]]:
   """One row per method and kind of step (``'steady'``, ``'refresh'``): times in ms, ratio to
   the dense step of the same interleaved rounds, compile times in s. With ``hlo_dir``, each
   compiled step's HLO text (dense included) is written there."""
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, *models.input_shape(model_name))).astype(np.float32)
   labels = rng.integers(0, 10, batch).astype(np.int32)
-  kwargs = {"sparsity": sparsity, "steps_per_epoch": steps_per_epoch, "epochs": epochs}
+  kwargs = {"sparsity": sparsity, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+            "donate": donate}
   dense = build(model_name, "dense", images, labels, **kwargs)
   dense_state = at_step(dense["state"], epochs // 2 * steps_per_epoch)
   if calls is None:
-    calls = calls_for(lambda: jax.block_until_ready(dense["step"](dense_state, images, labels)))
+    calls = calls_for(lambda: jax.block_until_ready(
+        dense["step"](copy_of(dense_state), images, labels)))
   rows = []
   for method in methods:
     built = build(model_name, method, images, labels, **kwargs)
@@ -173,11 +184,12 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
       kinds.append(("refresh", refresh))
     for kind, count in kinds:
       state = at_step(built["state"], count)
-      fns = {"method": lambda x, s=state: jax.block_until_ready(built["step"](s, *x)),
-             "dense": lambda x: jax.block_until_ready(dense["step"](dense_state, *x))}
+      fns = {"method": lambda s: jax.block_until_ready(built["step"](s, images, labels)),
+             "dense": lambda s: jax.block_until_ready(dense["step"](s, images, labels))}
+      fresh = {"method": lambda s=state: copy_of(s), "dense": lambda: copy_of(dense_state)}
       if kind == "refresh" and method in REFRESH_POOL:
         fns["selection"] = selection_fn(REFRESH_POOL[method], built["state"].params, sparsity)
-      ms = time_ms(fns, (images, labels), repeats, calls)
+      ms = time_ms(fns, None, repeats, calls, fresh)
       rows.append({"model": model_name, "batch": batch, "method": method, "kind": kind,
                    "count": count, "calls": calls, "every_step_refreshes": method in EVERY_STEP,
                    "method_ms": ms["method"], "dense_ms": ms["dense"],
@@ -192,8 +204,8 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
 
 
 def selection_fn(distribution: str, params: Any, sparsity: float):
-  """``x -> masks``: one mask refresh alone, the top-k of ``|W|`` over the prunable leaves of
-  ``params`` at ``sparsity`` with ``distribution`` (jitted; ``x`` is ignored)."""
+  """``_ -> masks``: one mask refresh alone, the top-k of ``|W|`` over the prunable leaves of
+  ``params`` at ``sparsity`` with ``distribution`` (jitted; the argument is ignored)."""
   selection = og.Selection(distribution)
   select = jax.jit(lambda p: selection.masks(jax.tree.map(jnp.abs, p), p, 1.0, sparsity))
   return lambda x: jax.block_until_ready(select(params))
@@ -237,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--methods", default=None,
                       help="comma-separated (default: every registered method but dense)")
   parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds")
+  parser.add_argument("--no-donate", dest="donate", action="store_false",
+                      help="steps that do not donate their state (unchanged state leaves, such "
+                           "as masks between refreshes, are then copied to new buffers)")
   parser.add_argument("--calls", type=int, default=None,
                       help="back-to-back calls per sample (default: about 20 ms of dense steps)")
   parser.add_argument("--sparsity", type=float, default=0.9)
@@ -256,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
   batch = args.batch or BATCH[model]
   rows = run_model(model, methods, batch=batch, repeats=repeats, sparsity=args.sparsity,
                    steps_per_epoch=args.steps_per_epoch, epochs=args.epochs,
-                   calls=1 if args.quick else args.calls, hlo_dir=args.dump_hlo)
+                   calls=1 if args.quick else args.calls, donate=args.donate,
+                   hlo_dir=args.dump_hlo)
   table = markdown(rows)
   print(table)
   if args.out:

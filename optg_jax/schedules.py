@@ -273,7 +273,16 @@ def _periodic(period: int, begin_step: int, end_step: int | None) -> Predicate:
       hit = hit & (t < end_step)
     return hit
 
+  predicate.end_step = end_step  # static: no step from here on is True (see true_only_before)
   return predicate
+
+
+def true_only_before(predicate: Predicate, step: int) -> bool:
+  """Whether ``predicate`` is statically known to be False at ``step`` and after: a predicate of
+  this module whose ``end_step`` is at most ``step`` (a method then needs no refresh branch
+  in its updates). ``False`` for any other callable."""
+  end = getattr(predicate, "end_step", None)
+  return isinstance(end, int) and end <= step
 
 
 def every_n_steps(n: int, begin_step: int = 0, end_step: int | None = None) -> Predicate:

@@ -83,6 +83,40 @@ def test_one_shot_magnitude_later_step_and_frozen_after():
   assert _kept(trace[3][1]["a"]["kernel"]) + _kept(trace[3][1]["b"]["kernel"]) == 120
 
 
+def _opaque_init_window(step):  # in_window(0, 1), but jit cannot tell it never holds again
+  return og.schedules.in_window(0, 1)(step)
+
+
+_INIT_ONLY = {
+    "magnitude": (lambda: og.magnitude(0.9), lambda: og.methods.pruner.scored_pruner(
+        0.9, _opaque_init_window, selection=og.Selection("global"))),
+    "random": (lambda: og.random_pruning(0.75, seed=4), lambda: og.methods.pruner.scored_pruner(
+        0.75, _opaque_init_window, score_fn=lambda params, grads, aux: aux,
+        init_aux=og.methods.random_pruning.random_scores(4), selection=og.Selection("uniform"))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INIT_ONLY))
+def test_init_only_pruners_carry_no_refresh_branch_and_train_as_with_it(name):
+  """A mask selected at init only: the updates hold no ``conditional`` (its top-k branch costs
+  every step, taken or not), and 4 steps give the params and masks bit for bit of the same
+  method with an opaque predicate, whose updates keep the branch."""
+  assert og.schedules.true_only_before(og.schedules.in_window(0, 1), 1)
+  assert not og.schedules.true_only_before(og.schedules.in_window(0, 2), 1)
+  assert not og.schedules.true_only_before(_opaque_init_window, 1)
+  fast, slow = (make() for make in _INIT_ONLY[name])
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def hlo(tx):
+    return jax.jit(tx.update).lower(grads, tx.init(params), params).compile().as_text()
+
+  assert "conditional(" not in hlo(fast) and "conditional(" in hlo(slow)
+  for (p1, m1), (p2, m2) in zip(_train(optax.chain(fast, optax.sgd(0.05, 0.9)), 4),
+                                _train(optax.chain(slow, optax.sgd(0.05, 0.9)), 4)):
+    jax.tree.map(np.testing.assert_array_equal, (p1, m1), (p2, m2))
+
+
 def test_random_pruning_exact_per_layer_density_and_seeded():
   params = _params()
   m1 = og.get_masks(og.random_pruning(0.75, seed=1).init(params))

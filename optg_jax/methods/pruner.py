@@ -89,6 +89,8 @@ def scored_pruner(
     An ``optax.GradientTransformation`` with a :class:`PrunerState`.
   """
   final = _checks.sparsity(sparsity)
+  # One-shot at init (magnitude, random): no update refreshes, so none carries the branch.
+  init_only = schedules.true_only_before(refresh, 1)
 
   def select(params, grads, aux, step):
     return selection.masks(score_fn(params, grads, aux), params, fraction(step), final)
@@ -104,8 +106,8 @@ def scored_pruner(
     _trees.require_params(params, "this pruning method")
     aux = state.aux if update_aux is None else update_aux(state.aux, grads, state.count)
     next_step = state.count + 1
-    masks = jax.lax.cond(refresh(next_step), lambda: select(params, grads, aux, next_step),
-                         lambda: state.masks)
+    masks = state.masks if init_only else jax.lax.cond(
+        refresh(next_step), lambda: select(params, grads, aux, next_step), lambda: state.masks)
     updates = base.masked(grads, masks if mask_this_update else state.masks)
     return updates, PrunerState(next_step, masks, aux, final)
 
