@@ -104,7 +104,14 @@ def forward_fns(params: dict, sparse_bcoo: dict) -> dict[str, Callable]:
 
 def time_ms(fns: dict[str, Callable], x: Any, repeats: int, calls: int = 1,
             fresh: dict[str, Callable[[], Any]] | None = None) -> dict[str, float]:
-  """Median wall time of each ``fn(x)`` in milliseconds, after two warm-up calls each.
+  """Median wall time of each ``fn(x)`` in milliseconds (`time_samples`)."""
+  samples = time_samples(fns, x, repeats, calls, fresh)
+  return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def time_samples(fns: dict[str, Callable], x: Any, repeats: int, calls: int = 1,
+                 fresh: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+  """``repeats`` wall times of each ``fn(x)`` in milliseconds, after two warm-up calls each.
 
   The layouts take turns (one sample each per round), so a load change on a shared machine
   affects all of them alike and the ratios to dense stay comparable. A sample is the mean of
@@ -128,7 +135,7 @@ def time_ms(fns: dict[str, Callable], x: Any, repeats: int, calls: int = 1,
       for a in todo:
         fn(a)
       times[name].append((time.perf_counter() - t0) * 1e3 / calls)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
 
 
 def run_case(model: str, sparsity: float, batches: tuple[int, ...], repeats: int,

@@ -30,7 +30,8 @@ def test_step_overhead_quick_gives_a_positive_ratio_per_method_and_kind_of_step(
                         ("gmp", "refresh"), ("magnitude", "steady")}
   assert kinds[("optg", "refresh")]["count"] + 1 == kinds[("optg", "steady")]["count"]
   for row in result["rows"]:
-    for key in ("ratio", "method_ms", "dense_ms", "compile_s", "dense_compile_s"):
+    for key in ("ratio", "ratio_of_fastest", "method_ms", "dense_ms", "compile_s",
+                "dense_compile_s"):
       assert math.isfinite(row[key]) and row[key] > 0, (row["method"], row["kind"], key)
   # Refresh steps that run a top-k are set beside a dense step plus that top-k timed alone.
   for method in ("optg", "gmp"):
