@@ -99,8 +99,8 @@ _INIT_ONLY = {
 @pytest.mark.parametrize("name", sorted(_INIT_ONLY))
 def test_init_only_pruners_carry_no_refresh_branch_and_train_as_with_it(name):
   """A mask selected at init only: the updates hold no ``conditional`` (its top-k branch costs
-  every step, taken or not), and 4 steps give the params and masks bit for bit of the same
-  method with an opaque predicate, whose updates keep the branch."""
+  every step, taken or not), the state keeps no score, and 4 steps give the params and masks
+  bit for bit of the same method with an opaque predicate, whose updates keep the branch."""
   assert og.schedules.true_only_before(og.schedules.in_window(0, 1), 1)
   assert not og.schedules.true_only_before(og.schedules.in_window(0, 2), 1)
   assert not og.schedules.true_only_before(_opaque_init_window, 1)
@@ -112,6 +112,7 @@ def test_init_only_pruners_carry_no_refresh_branch_and_train_as_with_it(name):
     return jax.jit(tx.update).lower(grads, tx.init(params), params).compile().as_text()
 
   assert "conditional(" not in hlo(fast) and "conditional(" in hlo(slow)
+  assert fast.init(params).aux is None  # random scores are not kept after the selection
   for (p1, m1), (p2, m2) in zip(_train(optax.chain(fast, optax.sgd(0.05, 0.9)), 4),
                                 _train(optax.chain(slow, optax.sgd(0.05, 0.9)), 4)):
     jax.tree.map(np.testing.assert_array_equal, (p1, m1), (p2, m2))

@@ -35,8 +35,9 @@ class PrunerState(NamedTuple):
   Attributes:
     count: int32 scalar, updates done so far (the step of the next forward pass).
     masks: bool masks for the next forward pass, the params' treedef.
-    aux: per-prunable-leaf arrays the score needs (``None`` elsewhere), e.g. fixed random scores
-      or summed gradients.
+    aux: per-prunable-leaf arrays the score needs (``None`` elsewhere), e.g. summed gradients;
+      ``None`` for a pruner that selects at init only (its refresh predicate statically ends
+      by step 1) and has no ``update_aux``.
     target: the final sparsity (static: not an array, kept in the treedef).
   """
   count: jax.Array
@@ -100,6 +101,8 @@ def scored_pruner(
     aux = None if init_aux is None else init_aux(params, prunable)
     masks = jax.lax.cond(refresh(0), lambda: select(params, None, aux, 0),
                          lambda: masks_lib.all_keep(params, prunable))
+    if init_only and update_aux is None:
+      aux = None  # only the selection at init reads it (random scores: 4 bytes a weight)
     return PrunerState(jnp.zeros((), jnp.int32), masks, aux, final)
 
   def update_fn(grads, state, params=None):
