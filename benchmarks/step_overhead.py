@@ -129,8 +129,8 @@ def build(model_name: str, method: str, images: np.ndarray, labels: np.ndarray, 
   options = method_options(method, model_name)
   tx = recipes.make_optimizer(method, sparsity, steps_per_epoch=steps_per_epoch, epochs=epochs,
                               **options)
-  state = training.init(model, tx, images[:1], seed=0, init_params=functools.partial(
-      recipes.init_params, method, seed=0, **options))
+  state = copy_of(training.init(model, tx, images[:1], seed=0, init_params=functools.partial(
+      recipes.init_params, method, seed=0, **options)))  # leaves that share a buffer, own ones
   start = time.perf_counter()
   step = jax.jit(training.make_train_step(model, tx), donate_argnums=(0,) if donate else ()
                  ).lower(state, images, labels).compile()
