@@ -31,9 +31,12 @@ the same rounds (the issue's target: ``refresh / (dense + selection) <= 1``).
 Timing: a warm-up, then ``--repeats`` interleaved rounds (method step, dense step, method step,
 ...) with ``block_until_ready``, each sample the mean of ``--calls`` back-to-back calls (by
 default enough for about 20 ms: a single millisecond step is at the mercy of the scheduler);
-the ratio is the median method time over the median dense time of the same rounds, in one
-process; beside it, the ratio of the fastest samples (the least disturbed by other jobs, as
-noise on a shared machine only adds time). Each call steps a fresh copy of the same state (made outside the timed region, since
+a trial's ratio is the median method time over the median dense time of the same rounds, and
+the ratio reported is the median of ``--trials`` trials (default 3), each a pass over every
+method and kind of step, so that a slow spell of a shared machine spoils one trial of a few
+cases, not a whole row; beside it, the range over the trials, and the ratio of the fastest
+samples (the least disturbed by other jobs, as noise on a shared machine only adds time). All
+in one process. Each call steps a fresh copy of the same state (made outside the timed region, since
 the step consumes its input), so each call does the same work. Prints a Markdown table and writes JSON (``--out``)::
 
   python benchmarks/step_overhead.py --out step_overhead.json          # LeNet-300-100, b128
@@ -157,10 +160,12 @@ def calls_for(fn, target_ms: float = 20.0) -> int:
 
 def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
               sparsity: float, steps_per_epoch: int, epochs: int, calls: int | None = None,
-              donate: bool = True, hlo_dir: str | None = None) -> list[dict[str, Any]]:
+              trials: int = 3, donate: bool = True,
+              hlo_dir: str | None = None) -> list[dict[str, Any]]:
   """One row per method and kind of step (``'steady'``, ``'refresh'``): times in ms, ratio to
-  the dense step of the same interleaved rounds, compile times in s. With ``hlo_dir``, each
-  compiled step's HLO text (dense included) is written there."""
+  the dense step of the same interleaved rounds (the median over ``trials`` passes over every
+  method, each ratio in ``trial_ratios``), compile times in s. With ``hlo_dir``, each compiled
+  step's HLO text (dense included) is written there."""
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch, *models.input_shape(model_name))).astype(np.float32)
   labels = rng.integers(0, 10, batch).astype(np.int32)
@@ -171,40 +176,58 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
   if calls is None:
     calls = calls_for(lambda: jax.block_until_ready(
         dense["step"](copy_of(dense_state), images, labels)))
-  rows = []
+  built = {}
   for method in methods:
-    built = build(model_name, method, images, labels, **kwargs)
+    built[method] = build(model_name, method, images, labels, **kwargs)
     if hlo_dir:
       os.makedirs(hlo_dir, exist_ok=True)
-      for name, b in (("dense", dense), (method, built)):
+      for name, b in (("dense", dense), (method, built[method])):
         with open(os.path.join(hlo_dir, f"{model_name}_{name}.hlo.txt"), "w") as f:
           f.write(b["step"].as_text())
-    steady = epochs // 2 * steps_per_epoch
-    kinds = [("steady", steady)]
-    refresh = refresh_count(method, steps_per_epoch, epochs)
-    if refresh is not None:
-      kinds.append(("refresh", refresh))
-    for kind, count in kinds:
-      state = at_step(built["state"], count)
-      fns = {"method": lambda s: jax.block_until_ready(built["step"](s, images, labels)),
+  cases = [(m, kind, count) for m in methods for kind, count in step_counts(
+      m, steps_per_epoch, epochs)]
+  trial_samples = {case: [] for case in cases}
+  for _ in range(trials):  # every case once per trial: a slow spell of the machine hits one
+    for case in cases:
+      method, kind, count = case
+      b = built[method]
+      fns = {"method": lambda s, b=b: jax.block_until_ready(b["step"](s, images, labels)),
              "dense": lambda s: jax.block_until_ready(dense["step"](s, images, labels))}
+      state = at_step(b["state"], count)
       fresh = {"method": lambda s=state: copy_of(s), "dense": lambda: copy_of(dense_state)}
       if kind == "refresh" and method in REFRESH_POOL:
-        fns["selection"] = selection_fn(REFRESH_POOL[method], built["state"].params, sparsity)
-      samples = time_samples(fns, None, repeats, calls, fresh)
-      ms = {name: statistics.median(t) for name, t in samples.items()}
-      rows.append({"model": model_name, "batch": batch, "method": method, "kind": kind,
-                   "count": count, "calls": calls, "every_step_refreshes": method in EVERY_STEP,
-                   "method_ms": ms["method"], "dense_ms": ms["dense"],
-                   "ratio": ms["method"] / ms["dense"],
-                   "ratio_of_fastest": min(samples["method"]) / min(samples["dense"]),
-                   "compile_s": built["compile_s"], "dense_compile_s": dense["compile_s"]})
-      if "selection" in ms:
-        rows[-1].update(selection_ms=ms["selection"],
-                        vs_dense_plus_selection=ms["method"] / (ms["dense"] + ms["selection"]))
-      print(f"# {model_name} {method} {kind} (count {count}): {rows[-1]['ratio']:.3f}x",
-            file=sys.stderr, flush=True)
+        fns["selection"] = selection_fn(REFRESH_POOL[method], b["state"].params, sparsity)
+      trial_samples[case].append(time_samples(fns, None, repeats, calls, fresh))
+  rows = []
+  for (method, kind, count), runs in trial_samples.items():
+    medians = [{name: statistics.median(t) for name, t in run.items()} for run in runs]
+    ratios = [ms["method"] / ms["dense"] for ms in medians]
+    fastest = {name: min(min(run[name]) for run in runs) for name in runs[0]}
+    ms = {name: statistics.median(m[name] for m in medians) for name in medians[0]}
+    rows.append({"model": model_name, "batch": batch, "method": method, "kind": kind,
+                 "count": count, "calls": calls, "trials": trials,
+                 "every_step_refreshes": method in EVERY_STEP,
+                 "method_ms": ms["method"], "dense_ms": ms["dense"],
+                 "ratio": statistics.median(ratios), "trial_ratios": ratios,
+                 "ratio_of_fastest": fastest["method"] / fastest["dense"],
+                 "compile_s": built[method]["compile_s"], "dense_compile_s": dense["compile_s"]})
+    if "selection" in ms:
+      budget = [m["method"] / (m["dense"] + m["selection"]) for m in medians]
+      rows[-1].update(selection_ms=ms["selection"],
+                      vs_dense_plus_selection=statistics.median(budget))
+    print(f"# {model_name} {method} {kind} (count {count}): {rows[-1]['ratio']:.3f}x "
+          f"(trials {', '.join(f'{r:.3f}' for r in ratios)})", file=sys.stderr, flush=True)
   return rows
+
+
+def step_counts(method: str, steps_per_epoch: int, epochs: int) -> list[tuple[str, int]]:
+  """``(kind, count)`` of the steps timed for ``method``: the steady one, and the refresh one
+  where the method has one (:func:`refresh_count`)."""
+  kinds = [("steady", epochs // 2 * steps_per_epoch)]
+  refresh = refresh_count(method, steps_per_epoch, epochs)
+  if refresh is not None:
+    kinds.append(("refresh", refresh))
+  return kinds
 
 
 def selection_fn(distribution: str, params: Any, sparsity: float):
@@ -225,7 +248,7 @@ def refresh_note(method: str) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
   """One line per model and method: steady and refresh step / dense, ms, compile times."""
-  head = ["model (batch)", "method", "steady step / dense (fastest / fastest)",
+  head = ["model (batch)", "method", "steady step / dense [trials] (fastest / fastest)",
           "refresh step / dense",
           "refresh / (dense + selection)", "dense step ms", "compile s (method / dense)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -241,8 +264,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     budget = kinds.get("refresh", {}).get("vs_dense_plus_selection")
     budget = "-" if budget is None else (
         f"{budget:.3f} (selection {kinds['refresh']['selection_ms']:.3g} ms)")
+    spread = f"{min(steady['trial_ratios']):.2f}-{max(steady['trial_ratios']):.2f}"
     lines.append(f"| {model} ({steady['batch']}) | {method} | {steady['ratio']:.3f} "
-                 f"({steady['ratio_of_fastest']:.3f}) | "
+                 f"[{spread}] ({steady['ratio_of_fastest']:.3f}) | "
                  f"{refresh} | {budget} | {steady['dense_ms']:.3g} | "
                  f"{steady['compile_s']:.2f} / {steady['dense_compile_s']:.2f} |")
   return "\n".join(lines)
@@ -258,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-donate", dest="donate", action="store_false",
                       help="steps that do not donate their state (unchanged state leaves, such "
                            "as masks between refreshes, are then copied to new buffers)")
+  parser.add_argument("--trials", type=int, default=3,
+                      help="passes over every method; each ratio is the median of its trials")
   parser.add_argument("--calls", type=int, default=None,
                       help="back-to-back calls per sample (default: about 20 ms of dense steps)")
   parser.add_argument("--sparsity", type=float, default=0.9)
@@ -278,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
   rows = run_model(model, methods, batch=batch, repeats=repeats, sparsity=args.sparsity,
                    steps_per_epoch=args.steps_per_epoch, epochs=args.epochs,
                    calls=1 if args.quick else args.calls, donate=args.donate,
+                   trials=1 if args.quick else args.trials,
                    hlo_dir=args.dump_hlo)
   table = markdown(rows)
   print(table)

@@ -33,6 +33,8 @@ def test_step_overhead_quick_gives_a_positive_ratio_per_method_and_kind_of_step(
     for key in ("ratio", "ratio_of_fastest", "method_ms", "dense_ms", "compile_s",
                 "dense_compile_s"):
       assert math.isfinite(row[key]) and row[key] > 0, (row["method"], row["kind"], key)
+  # --quick makes one trial: the ratio is that trial's.
+  assert all(r["trial_ratios"] == [r["ratio"]] for r in result["rows"])
   # Refresh steps that run a top-k are set beside a dense step plus that top-k timed alone.
   for method in ("optg", "gmp"):
     row = kinds[(method, "refresh")]
