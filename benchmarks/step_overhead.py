@@ -186,17 +186,20 @@ def run_model(model_name: str, methods: list[str], *, batch: int, repeats: int,
           f.write(b["step"].as_text())
   cases = [(m, kind, count) for m in methods for kind, count in step_counts(
       m, steps_per_epoch, epochs)]
+  timed = {}  # per case: the functions timed side by side, and their fresh arguments
+  for method, kind, count in cases:
+    b = built[method]
+    fns = {"method": lambda s, b=b: jax.block_until_ready(b["step"](s, images, labels)),
+           "dense": lambda s: jax.block_until_ready(dense["step"](s, images, labels))}
+    state = at_step(b["state"], count)
+    fresh = {"method": lambda s=state: copy_of(s), "dense": lambda: copy_of(dense_state)}
+    if kind == "refresh" and method in REFRESH_POOL:
+      fns["selection"] = selection_fn(REFRESH_POOL[method], b["state"].params, sparsity)
+    timed[(method, kind, count)] = (fns, fresh)
   trial_samples = {case: [] for case in cases}
   for _ in range(trials):  # every case once per trial: a slow spell of the machine hits one
     for case in cases:
-      method, kind, count = case
-      b = built[method]
-      fns = {"method": lambda s, b=b: jax.block_until_ready(b["step"](s, images, labels)),
-             "dense": lambda s: jax.block_until_ready(dense["step"](s, images, labels))}
-      state = at_step(b["state"], count)
-      fresh = {"method": lambda s=state: copy_of(s), "dense": lambda: copy_of(dense_state)}
-      if kind == "refresh" and method in REFRESH_POOL:
-        fns["selection"] = selection_fn(REFRESH_POOL[method], b["state"].params, sparsity)
+      fns, fresh = timed[case]
       trial_samples[case].append(time_samples(fns, None, repeats, calls, fresh))
   rows = []
   for (method, kind, count), runs in trial_samples.items():
