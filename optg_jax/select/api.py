@@ -85,10 +85,7 @@ def global_topk_masks(scores: Any, k: Any, *, keep_ties: bool = False) -> Any:
     then the lower flat (row-major) index; NaN ranks below ``-inf`` and
     ``-0.0`` equals ``+0.0``.
   """
-  leaves, treedef, shapes = _flat_leaves(scores)
-  masks = _global_topk_flat(leaves, k, keep_ties=keep_ties)
-  return jax.tree_util.tree_unflatten(
-      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
+  return _tree_masks(scores, k, keep_ties=keep_ties)
 
 
 def topk_mask(scores: jax.Array, k: Any, *, keep_ties: bool = False) -> jax.Array:
@@ -116,10 +113,7 @@ def _bisection_topk_masks(scores: Any, k: Any) -> Any:
   passes (no sample, about 32 passes); the baseline that
   benchmarks/mask_refresh.py measures the planner against. Not public.
   """
-  leaves, treedef, shapes = _flat_leaves(scores)
-  masks = _global_topk_flat(leaves, k, planner=False)
-  return jax.tree_util.tree_unflatten(
-      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
+  return _tree_masks(scores, k, planner=False)
 
 
 def kth_largest(scores: Any, k: Any) -> jax.Array:
@@ -153,6 +147,14 @@ def _flat_leaves(scores: Any) -> tuple[list[jax.Array], Any, list[tuple[int, ...
   if total > 2**31 - 1:
     raise ValueError(f"scores has {total} entries; at most 2**31 - 1 are supported.")
   return leaves, treedef, shapes
+
+
+def _tree_masks(scores: Any, k: Any, **options: bool) -> Any:
+  """`_global_topk_flat` of the leaves of ``scores``, in the tree and shapes of ``scores``."""
+  leaves, treedef, shapes = _flat_leaves(scores)
+  masks = _global_topk_flat(leaves, k, **options)
+  return jax.tree_util.tree_unflatten(
+      treedef, [m.reshape(shape) for m, shape in zip(masks, shapes)])
 
 
 def _clip_k(k: Any, total: int) -> jax.Array:
