@@ -229,3 +229,30 @@ def test_sigkill_during_a_save_then_resume_is_bitwise(where, tmp_path, data_dir,
   assert f"checkpoint {2 * SPE} was cut off mid-save and never committed; removed {partial}" in out
   assert {p.name for p in ckpts.iterdir()} == {str(n * SPE) for n in (1, 2, 3)}  # all 3 kept
   _same_outcome(tmp_path, uninterrupted)  # epochs 2 and 3 trained again from epoch 1, bitwise
+
+
+@pytest.mark.parametrize("method", ["signed_supermask", "edge_popup"])
+def test_a_nan_batch_stops_a_frozen_weight_method_before_its_scores_are_saved(
+    method, tmp_path, data_dir, monkeypatch, capsys):
+  """A frozen-weight method's weights never change, so a NaN batch turns only its scores (in
+  the optimizer state) NaN: the run must stop on the loss alone, not on non-finite params. It
+  stops with status 1 naming the step and no non-finite params leaf, keeps epoch 1's finite
+  checkpoint, and ships no final model (issue 20: a job that tolerated the NaN loss trained on
+  and saved NaN scores)."""
+  _poison(monkeypatch)
+  status = _main(_tiny(data_dir, "--method", method, "--workdir", tmp_path,
+                       "--no-dense-baseline", epochs=POISONED_EPOCH))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status == 1 and len(err) == 1, err
+  step = (POISONED_EPOCH - 1) * SPE + POISONED_INDEX + 1
+  assert f"non-finite loss at step {step} (epoch {POISONED_EPOCH})" in err[0]
+  assert "first non-finite leaf: none in the params" in err[0]  # the weights stayed finite
+  records = _strict_records(tmp_path)
+  assert [r["epoch"] for r in records] == [1, 2] and records[1]["loss"] is None
+  step, ckpt = _final_checkpoint(tmp_path)
+  assert step == SPE  # epoch 2's NaN scores were never checkpointed
+  floats = [np.asarray(x) for x in jax.tree.leaves(ckpt["state"]["opt_state"])
+            if np.issubdtype(np.asarray(x).dtype, np.floating)]
+  assert floats and all(np.all(np.isfinite(x)) for x in floats)
+  for shipped in ("summary.json", "result.json", "model.ospk"):
+    assert not (tmp_path / shipped).exists(), shipped
