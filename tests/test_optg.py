@@ -118,6 +118,8 @@ def _run(tx, steps, params=None):
 
 
 def test_mask_changes_only_on_refresh_steps_and_final_count_is_exact():
+  """Refreshes at the epoch starts only, none after the last epoch (the masks left in the state
+  are the ones the last epoch trained with), each at its exact keep count."""
   sparsity = 0.7
   tx = optax.chain(og.mask_optimizer(sparsity, 0.5, SPE, EPOCHS), optax.sgd(0.1))
   _, opt_state, history = _run(tx, SPE * EPOCHS)
@@ -131,7 +133,8 @@ def test_mask_changes_only_on_refresh_steps_and_final_count_is_exact():
   assert changed and all(t % SPE == 0 for t in changed), changed
   n = 5 * 8 + 8 * 3
   for t, m in enumerate(masks):
-    p_t = sparsity * _fraction((t // SPE) * SPE) if t >= SPE else 0.0  # zero scores: starts dense
+    epoch_start = (min(t, SPE * EPOCHS - 1) // SPE) * SPE
+    p_t = sparsity * _fraction(epoch_start) if t >= SPE else 0.0  # zero scores: starts dense
     kept = sum(int(x.sum()) for x in jax.tree.leaves(m) if x.ndim)
     assert kept == n - math.floor(p_t * n), (t, kept)
 
@@ -304,3 +307,67 @@ def test_reference_ramp_warns_when_a_short_run_cannot_reach_its_target():
       "budget", "reference", "reference")
   with pytest.raises(ValueError, match="ramp"):
     og.mask_optimizer(0.9, 0.1, SPE, 10, ramp="linear")
+
+
+def _top_k_at(scores, sparsity):
+  """The global top-k of the kernels' scores at ``sparsity``, ties to the earlier leaf and lower
+  flat index, in NumPy (kept count ``N − floor(p·N)``)."""
+  names = ("dense1", "dense2")
+  flat = np.concatenate([np.asarray(scores[n]["kernel"]).ravel() for n in names])
+  keep = np.zeros(flat.size, bool)
+  keep[np.argsort(-flat, kind="stable")[:flat.size - math.floor(sparsity * flat.size)]] = True
+  sizes = np.cumsum([0] + [np.size(scores[n]["kernel"]) for n in names])
+  return {n: keep[sizes[i]:sizes[i + 1]].reshape(np.shape(scores[n]["kernel"]))
+          for i, n in enumerate(names)}
+
+
+def _kernel_masks(masks):
+  return {n: np.asarray(masks[n]["kernel"]) for n in ("dense1", "dense2")}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_final_model_keeps_the_mask_its_last_epoch_trained_with(jit):
+  """Budget ramp, reached at epoch 3 of 6: ``final='trained'`` gives the masks the last step
+  used; ``final='reselect'`` (the authors') the top-k of the final scores, a different mask."""
+  final_masks = jax.jit(og.final_masks) if jit else og.final_masks
+  got = {}
+  for final in og.methods.optg.FINALS:
+    tx = optax.chain(og.mask_optimizer(0.7, 0.5, SPE, EPOCHS, ramp="budget", final=final),
+                     optax.sgd(0.1))
+    params, opt_state, history = _run(tx, SPE * EPOCHS)
+    last_used = _kernel_masks(history[-1][1])
+    scores = og.methods.base.find_state(opt_state).scores
+    got[final] = _kernel_masks(final_masks(params, opt_state))
+    reselected = _top_k_at(scores, 0.7)
+    assert sum(m.sum() for m in last_used.values()) == 64 - math.floor(0.7 * 64)
+    if final == "trained":
+      for n in last_used:
+        np.testing.assert_array_equal(got[final][n], last_used[n])
+    else:
+      for n in last_used:
+        np.testing.assert_array_equal(got[final][n], reselected[n])
+    # The scores moved after the last refresh: the two rules give different masks here.
+    assert any((last_used[n] != reselected[n]).any() for n in last_used)
+    # An explicit sparsity always selects again, from the final scores.
+    half = _kernel_masks(og.final_masks(params, opt_state, 0.5))
+    for n, m in _top_k_at(scores, 0.5).items():
+      np.testing.assert_array_equal(half[n], m)
+
+
+def test_final_model_selects_again_when_the_ramp_never_reached_the_target():
+  """The reference ramp at E = 6 trains its last epoch at 0.88·P: the final masks are the top-k
+  of the final scores at P, with either ``final``."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    tx = optax.chain(og.mask_optimizer(0.7, 0.5, SPE, EPOCHS), optax.sgd(0.1))
+  params, opt_state, history = _run(tx, SPE * EPOCHS)
+  assert sum(m.sum() for m in _kernel_masks(history[-1][1]).values()) > 64 - math.floor(0.7 * 64)
+  scores = og.methods.base.find_state(opt_state).scores
+  got = _kernel_masks(og.final_masks(params, opt_state))
+  for n, m in _top_k_at(scores, 0.7).items():
+    np.testing.assert_array_equal(got[n], m)
+
+
+def test_final_must_be_a_known_rule():
+  with pytest.raises(ValueError, match="final must be one of"):
+    og.mask_optimizer(0.7, 0.5, SPE, EPOCHS, final="best")
