@@ -5,7 +5,7 @@ Each method of ``optg_jax.recipes.names()`` runs its reference chain
 ``METHODS`` for its options, ``MODEL_OPTIONS`` for its model variant, e.g. the signed
 supermask's FCN) and its recipe's weight init (``recipes.init_params``), at each sparsity and
 seed, for ``--epochs`` epochs at batch 100 on the 4,000 training digits, and is scored on the
-1,000 test digits with its final model (``training.final_state``: OptG's top scores at ``P``).
+1,000 test digits with its final model (``training.final_model``: what the compact file ships).
 Methods with rounds (lottery tickets, Continuous Sparsification, RST) take ``--epochs`` per
 round and train ``recipes.total_epochs`` in all, as the main job does; the board says so.
 
@@ -107,10 +107,8 @@ def run_cell(method: str, sparsity: float | None, seed: int, epochs: int, *,
   wrapped = _Reinit(model, lambda p: recipes.init_params(method, p, seed, **options))
   start = time.perf_counter()
   result = training.fit(wrapped, tx, train, test, epochs=used, batch_size=BATCH, seed=seed)
-  final = training.final_state(result.state)
+  final, masks = training.final_model(result.state)
   correct = int(jax.jit(training.make_eval_step(model))(final, test.images, test.labels))
-  masks = (training.masks_in_use(final.opt_state) if training.has_method(final.opt_state)
-           else None)
   return {"method": method, "target": sparsity, "seed": seed,
           "accuracy": correct / len(test.labels),
           "sparsity": training.sparsity_of(masks), "epochs_used": used,

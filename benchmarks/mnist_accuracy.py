@@ -28,7 +28,7 @@ def run(method: str, sparsity: float, seed: int, epochs: int, batch_size: int) -
                               epochs=epochs, seed=seed)
   result = training.fit(models.get_model("lenet300100"), tx, train, test, epochs=epochs,
                         batch_size=batch_size, seed=seed)
-  final = training.final_state(result.state)  # OptG: the top scores at the target
+  final, masks = training.final_model(result.state)  # what the compact file ships
   evaluate = jax.jit(training.make_eval_step(models.get_model("lenet300100")))
   return int(evaluate(final, test.images, test.labels)) / len(test.labels)
 

@@ -45,13 +45,12 @@ def final_accuracy(method: str, options: dict, sparsity: float, epochs: int, see
   model = models.get_model("lenet300100")
   result = training.fit(model, tx, train, test, epochs=epochs, batch_size=BATCH, seed=seed)
   evaluate = jax.jit(training.make_eval_step(model))
-  final = training.final_state(result.state)
+  final, masks = training.final_model(result.state)
   accuracy = int(evaluate(final, test.images, test.labels)) / len(test.labels)
   if trace:
     print(json.dumps({"method": method, "options": options, "sparsity": sparsity, "seed": seed,
                       "epochs": epochs, "trained_sparsity": [round(s, 5) for s in result.sparsity],
-                      "final_sparsity": training.sparsity_of(training.masks_in_use(
-                          final.opt_state)), "accuracy": accuracy}), flush=True)
+                      "final_sparsity": training.sparsity_of(masks), "accuracy": accuracy}), flush=True)
   return accuracy
 
 

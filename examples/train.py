@@ -67,8 +67,9 @@ class NonFiniteError(Exception):
 
 
 class Outcome(NamedTuple):
-  """A finished run: the final ``state`` (final masks), ``masks``, its test ``accuracy``, the
-  per-epoch ``records`` of ``metrics.jsonl``, and the ``model`` with an input ``sample``."""
+  """A finished run: the trained ``state``, the final model's ``masks`` and test ``accuracy``
+  (``training.final_model``: what the compact file ships), the per-epoch ``records`` of
+  ``metrics.jsonl``, and the ``model`` with an input ``sample``."""
   state: training.TrainState
   masks: Any
   accuracy: float
@@ -219,11 +220,10 @@ def _epochs(cfg, setup, ckpt, records, step, evaluate, mngr, metrics_path, elaps
       tic = time.perf_counter()
       phase = training.phase_of(state.opt_state)  # of the epoch's first step
       bar.set_description(f"{label} epoch {epoch}/{setup.epochs}{_where(phase)}")
-      state, loss, masks, nonfinite, first_bad = training.run_epoch(
+      state, loss, masks, nonfinite, first_bad, trained = training.run_epoch(
           step, state, setup.train_it, spe, on_step)
       _check_finite(cfg, state, int(nonfinite), int(first_bad), epoch, spe, metrics_path)
-      accuracy = _test_accuracy(setup, evaluate, training.with_masks_in_use(state, masks),
-                                cfg.batch_size)
+      accuracy = _test_accuracy(setup, evaluate, trained, cfg.batch_size)
       seconds = elapsed + time.perf_counter() - start
       record = {"epoch": epoch, "step": epoch * spe, "loss": float(loss),
                 "test_accuracy": accuracy, "sparsity": training.sparsity_of(masks),
@@ -288,22 +288,21 @@ def _where(phase: dict[str, Any]) -> str:
 
 
 def _finish(cfg, setup, state, records, evaluate, workdir) -> Outcome:
-  """The final model (``og.final_masks``; OptG: the final scores' mask at the target sparsity)
-  and its accuracy."""
-  state = jax.jit(training.final_state)(state)
-  masks = (og.get_masks(state.opt_state) if training.has_method(state.opt_state) else
-           og.final_masks(state.params, state.opt_state))  # dense: all kept
-  accuracy = _test_accuracy(setup, evaluate, state, cfg.batch_size)
+  """The final model (``og.final_params``, what the compact file ships) and its accuracy,
+  beside the last epoch's."""
+  final, masks = jax.jit(training.final_model)(state)
+  accuracy = _test_accuracy(setup, evaluate, final, cfg.batch_size)
   sparsity = float(og.sparsity_summary(masks).sparsity)
   result = {"method": cfg.method, "test_accuracy": accuracy, "sparsity": sparsity,
-            "weights_remaining": 1.0 - sparsity}
+            "weights_remaining": 1.0 - sparsity,
+            "last_epoch": {k: records[-1][k] for k in ("test_accuracy", "sparsity")}}
   skipped = skipped_steps(state.opt_state)
   if skipped is not None:
     result["skipped_steps"] = skipped
   result["collapsed_layers"] = training.collapsed_layers(masks)
   if cfg.method == "signed_supermask":
     result["inverted"] = float(og.methods.signed_supermask.inverted_fraction(state.opt_state))
-  result["compact_model"] = export_model(cfg, state, masks, workdir / COMPACT_MODEL)
+  result["compact_model"] = export_model(cfg, final, masks, workdir / COMPACT_MODEL)
   write_json(workdir / "result.json", result)
   return Outcome(state, masks, accuracy, records, setup.model, setup.sample)
 
@@ -318,16 +317,15 @@ def skipped_steps(opt_state: Any) -> int | None:
 COMPACT_MODEL = "model.ospk"  # the shipped model: og.export's compact file (examples/infer.py)
 
 
-def export_model(cfg: Config, state: training.TrainState, masks: Any,
+def export_model(cfg: Config, final: training.TrainState, masks: Any,
                  path: pathlib.Path) -> dict[str, Any]:
-  """Writes the final model's variables compactly (``og.export``): ``params`` as deployed (the
-  effective weights ⊙ ``masks``) and ``batch_stats`` whole. Returns ``{"file", "bytes",
-  "dense_bytes"}`` (``dense_bytes``: the same variables stored dense)."""
-  values, masks = og.export.compact_params(state.params, state.opt_state, masks)
-  variables, keep = {"params": values}, {"params": masks}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-    keep["batch_stats"] = jax.tree.map(lambda _: True, state.batch_stats)
+  """Writes the final model (``training.final_model``: ``params`` as deployed, the final masks'
+  zeros kept sparse; ``batch_stats`` whole) compactly with ``og.export``. Returns ``{"file",
+  "bytes", "dense_bytes"}`` (``dense_bytes``: the same variables stored dense)."""
+  variables, keep = {"params": final.params}, {"params": masks}
+  if final.batch_stats:
+    variables["batch_stats"] = final.batch_stats
+    keep["batch_stats"] = jax.tree.map(lambda _: True, final.batch_stats)
   info = og.export.save(path, variables, keep, metadata={
       "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset})
   return {"file": path.name, "bytes": info["bytes"], "dense_bytes": info["dense_bytes"]}
@@ -380,6 +378,12 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
     inverted = float(og.methods.signed_supermask.inverted_fraction(outcome.state.opt_state))
     table += (f"\nweights remaining {1 - rep.sparsity:.2%} of the masked weights, of which "
               f"{inverted / max(1 - rep.sparsity, 1e-12):.2%} inverted ({inverted:.2%} of all)")
+  last = outcome.records[-1] if outcome.records else None
+  if last is not None and last["test_accuracy"] != outcome.accuracy:
+    table += (f"\nfinal model: test accuracy {outcome.accuracy:.2%} at sparsity {rep.sparsity:.2%}; "
+              f"the last epoch trained to {last['test_accuracy']:.2%} at sparsity "
+              f"{last['sparsity']:.2%} (the final model's masks or weights differ from those "
+              "the last epoch was evaluated with)")
   skipped = skipped_steps(outcome.state.opt_state)
   if skipped is not None:
     table += f"\n--skip-nonfinite: {skipped} step(s) with a non-finite loss skipped"
@@ -405,6 +409,8 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
   (workdir / "summary.txt").write_text(table + "\n")
   write_json(workdir / "summary.json", {
       "config": cfg.to_json(), "dense_accuracy": dense_accuracy,
-      "sparse_accuracy": outcome.accuracy, "report": report.to_json(rep)})
+      "sparse_accuracy": outcome.accuracy,
+      "last_epoch_accuracy": last["test_accuracy"] if last else None,
+      "report": report.to_json(rep)})
   return table
 

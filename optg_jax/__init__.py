@@ -14,6 +14,7 @@ from optg_jax.masks import apply_masks
 from optg_jax.masks import sparsity_summary
 from optg_jax.methods.base import effective_params
 from optg_jax.methods.base import final_masks
+from optg_jax.methods.base import final_params
 from optg_jax.methods.base import get_masks
 from optg_jax.methods.base import has_state
 from optg_jax.methods.base import register_state
@@ -46,6 +47,7 @@ __all__ = (
     "effective_params",
     "export",
     "final_masks",
+    "final_params",
     "get_masks",
     "gmp",
     "has_state",

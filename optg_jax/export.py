@@ -60,17 +60,16 @@ class CompactFileError(ValueError):
 
 def compact_params(params: PyTree, opt_state: Any, masks: PyTree | None = None
                    ) -> tuple[PyTree, PyTree]:
-  """The deployed weights and their bool masks: ``(effective ⊙ M, M)``.
+  """The deployed weights and their bool masks: ``(og.final_params(params, opt_state, M), M)``.
 
-  ``effective`` is :func:`optg_jax.effective_params` (``W ⊙ S`` for the signed supermask, so the
-  sign is folded into the value; ``W ⊙ M`` for mask methods); ``M`` is ``masks`` or
-  :func:`optg_jax.final_masks`. Without a sparsity method in ``opt_state`` (dense training) the
-  params are returned with all-keep masks.
+  ``M`` is ``masks`` or :func:`optg_jax.final_masks`; the weights are
+  :func:`optg_jax.final_params` (``W ⊙ M``, with the signed supermask's signs and Continuous
+  Sparsification's ticket scale folded into the values). Without a sparsity method in
+  ``opt_state`` (dense training) the params are returned with all-keep masks.
   """
   if masks is None:
     masks = base.final_masks(params, opt_state)
-  effective = base.effective_params(params, opt_state) if base.has_state(opt_state) else params
-  return masks_lib.apply_masks(effective, masks), masks
+  return base.final_params(params, opt_state, masks), masks
 
 
 def _blob(raw: bytes, out: io.BytesIO) -> list:

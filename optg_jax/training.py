@@ -7,7 +7,9 @@ pipelines of :mod:`optg_jax.data` serve the bigger runs.
 
 An epoch is evaluated with the masks its last forward pass used (:func:`run_epoch`): the last
 update of an epoch may already install the next epoch's mask (OptG refreshes at every epoch
-boundary), which the weights were never trained with.
+boundary), which the weights were never trained with; an epoch that ends a round by rewinding
+the weights (a lottery level) is evaluated on the level's weights before the rewind. The final
+model is :func:`final_model`: ``og.final_params``, what ``og.export`` ships.
 """
 
 from __future__ import annotations
@@ -36,11 +38,6 @@ def has_method(opt_state: Any) -> bool:
   return og.has_state(opt_state)
 
 
-def effective_or_dense(params: PyTree, opt_state: Any) -> PyTree:
-  """``og.effective_params`` when the chain holds a sparsity method, else ``params`` (dense)."""
-  return og.effective_params(params, opt_state) if has_method(opt_state) else params
-
-
 def masks_in_use(opt_state: Any) -> PyTree | None:
   """A copy of the masks the next forward pass uses (``None`` for a dense chain).
 
@@ -48,8 +45,11 @@ def masks_in_use(opt_state: Any) -> PyTree | None:
   """
   if not has_method(opt_state):
     return None
-  return jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x,
-                      og.get_masks(opt_state))
+  return _copy(og.get_masks(opt_state))
+
+
+def _copy(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
 
 
 def with_masks_in_use(state: TrainState, masks: PyTree | None) -> TrainState:
@@ -59,13 +59,19 @@ def with_masks_in_use(state: TrainState, masks: PyTree | None) -> TrainState:
   return state._replace(opt_state=og.with_masks(state.opt_state, masks))
 
 
-def final_state(state: TrainState, sparsity: float | None = None) -> TrainState:
-  """``state`` with the masks of the final model, ``og.final_masks`` (for OptG the top scores
-  at the full target, which no epoch trained with; ``sparsity`` selects at another one where the
-  method can); a dense state as it is."""
-  if not has_method(state.opt_state):
-    return state
-  return with_masks_in_use(state, og.final_masks(state.params, state.opt_state, sparsity))
+def final_model(state: TrainState, sparsity: float | None = None
+                ) -> tuple[TrainState, PyTree]:
+  """The model a run ships and its masks: ``(TrainState, og.final_masks)``.
+
+  The state's params are ``og.final_params`` (the effective weights ⊙ the final masks, every
+  method's signs and scales folded in), its optimizer state empty, so that
+  :func:`make_eval_step` evaluates exactly what ``og.export`` stores. ``sparsity`` selects the
+  masks at another sparsity where the method can (OptG). A dense state keeps its params, with
+  all-keep masks. Works inside ``jax.jit`` (``sparsity`` static).
+  """
+  masks = og.final_masks(state.params, state.opt_state, sparsity)
+  params = og.final_params(state.params, state.opt_state, masks)
+  return TrainState(params, state.batch_stats, optax.EmptyState(), state.rewind_stats), masks
 
 
 def phase_of(opt_state: Any) -> dict[str, Any]:
@@ -133,7 +139,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return loss, updates.get("batch_stats", {})
 
   def step(state, images, labels):
-    w_eff = effective_or_dense(state.params, state.opt_state)
+    w_eff = og.effective_params(state.params, state.opt_state)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         w_eff, state.batch_stats, images, labels)
     if axis_name is not None:
@@ -179,7 +185,7 @@ def make_eval_step(model: nn.Module) -> Callable[..., jax.Array]:
   """``eval(state, images, labels) -> number correct`` (int32) with the effective weights."""
 
   def evaluate(state, images, labels):
-    w_eff = effective_or_dense(state.params, state.opt_state)
+    w_eff = og.effective_params(state.params, state.opt_state)
     variables = {"params": w_eff, **({"batch_stats": state.batch_stats}
                                      if state.batch_stats else {})}
     logits = model.apply(variables, images, train=False)
@@ -206,7 +212,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
   ``seed`` every epoch, and evaluates on the whole test split after each epoch, with the masks
   of the epoch's last forward pass (:func:`run_epoch`). ``on_epoch(epoch, state, loss,
   accuracy)`` sees the state after the epoch's last update. The final model is
-  ``final_state(result.state, sparsity)``.
+  ``final_model(result.state, sparsity)``.
   """
   steps_per_epoch = len(train.labels) // batch_size
   if steps_per_epoch < 1:
@@ -220,9 +226,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, train: Any, test: An
     order = rng.permutation(len(train.labels))[:steps_per_epoch * batch_size]
     batches = ({"image": train.images[idx], "label": train.labels[idx]}
                for idx in order.reshape(steps_per_epoch, batch_size))
-    state, loss, masks, *_ = run_epoch(step, state, batches, steps_per_epoch)
-    trained = with_masks_in_use(state, masks)
-    accuracies.append(int(evaluate(trained, test.images, test.labels)) / len(test.labels))
+    epoch_out = run_epoch(step, state, batches, steps_per_epoch)
+    state, loss, masks = epoch_out.state, epoch_out.loss, epoch_out.masks
+    accuracies.append(int(evaluate(epoch_out.trained, test.images, test.labels))
+                      / len(test.labels))
     losses.append(float(loss))
     sparsities.append(sparsity_of(masks))
     if on_epoch is not None:
@@ -238,12 +245,16 @@ class Epoch(NamedTuple):
   its steps with a finite loss (a device scalar; NaN if none), a copy of the ``masks`` the last
   forward pass used (``None`` if dense), the number of steps whose loss was not finite
   (``nonfinite``, device int32) and the index of the first of them (``first_nonfinite``, -1 if
-  none): counted on the device, read once per epoch."""
+  none): counted on the device, read once per epoch; and ``trained``, the state to evaluate the
+  epoch with: ``state`` with ``masks`` in use, or, when the epoch's last update ended a round
+  by rewinding the weights (a lottery level), a copy of the state before that update: the
+  level's trained weights, one step short of its end, with its masks."""
   state: TrainState
   loss: jax.Array
   masks: PyTree | None
   nonfinite: jax.Array
   first_nonfinite: jax.Array
+  trained: TrainState
 
 
 def run_epoch(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainState,
@@ -253,24 +264,27 @@ def run_epoch(step: Callable[..., tuple[TrainState, jax.Array]], state: TrainSta
 
   ``batches`` yields ``{'image': (B, H, W, C), 'label': (B,)}`` (an ``optg_jax.data.load``
   iterator). ``on_step(i, loss)`` sees each step's loss as a device scalar; reading it on the
-  host waits for the step. Evaluate the epoch with ``with_masks_in_use(epoch.state,
-  epoch.masks)``: the trained weights with the masks they were trained with.
+  host waits for the step. Evaluate the epoch with ``epoch.trained``: the trained weights with
+  the masks they were trained with.
   """
-  total, masks = jnp.zeros((), jnp.float32), None
+  total, masks, before_rewind = jnp.zeros((), jnp.float32), None, None
   bad, first = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
   batches = iter(batches)
   for i in range(num_steps):
     batch = next(batches)
     if i == num_steps - 1:
       masks = masks_in_use(state.opt_state)
+      if og.methods.rounds.rewinds_next(state.opt_state):
+        before_rewind = _copy(state)  # the step may donate ``state``
     state, loss = step(state, batch["image"], batch["label"])
     total, bad, first = _tally(total, bad, first, loss, i)
     if on_step is not None:
       on_step(i, loss)
   finite_steps = num_steps - bad
+  trained = before_rewind if before_rewind is not None else with_masks_in_use(state, masks)
   return Epoch(state, total / jnp.maximum(finite_steps, 1) + jnp.where(finite_steps > 0, 0.0,
                                                                       jnp.nan),
-               masks, bad, first)
+               masks, bad, first, trained)
 
 
 @jax.jit

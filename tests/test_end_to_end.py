@@ -37,7 +37,7 @@ def _short(method, options, seed, epochs=10, sparsity=0.95):
                               epochs=epochs, seed=seed, **options)
   model = models.get_model("lenet300100")
   result = training.fit(model, tx, train, test, epochs=epochs, batch_size=BATCH, seed=seed)
-  final = training.final_state(result.state)
+  final, masks = training.final_model(result.state)
   evaluate = jax.jit(training.make_eval_step(model))
   return int(evaluate(final, test.images, test.labels)) / len(test.labels)
 

@@ -140,13 +140,29 @@ def find_state(opt_state: Any) -> Any:
 
 
 def effective_params(params: PyTree, opt_state: Any) -> PyTree:
-  """The weights the forward pass uses: ``W ⊙ M`` for mask methods (see each method's docs)."""
+  """The weights the forward pass uses: ``W ⊙ M`` for mask methods (see each method's docs);
+  ``params`` themselves for a chain without a sparsity method (dense training)."""
+  if not has_state(opt_state):
+    return params
   state = find_state(opt_state)
   return protocol(state).effective_params(state, params)
 
 
-def get_masks(opt_state: Any) -> PyTree:
-  """The current bool masks (the params' treedef; scalar ``True`` at non-prunable leaves)."""
+def get_masks(opt_state: Any, params: PyTree = None) -> PyTree:
+  """The current bool masks (the params' treedef; scalar ``True`` at non-prunable leaves).
+
+  For a chain without a sparsity method (dense training) the all-keep masks of ``params``'
+  default prunable leaves, which then must be given (the state alone does not know the params'
+  structure).
+
+  Raises:
+    ValueError: more than one sparsity-method state; no method state and no ``params``.
+  """
+  if not has_state(opt_state):
+    if params is None:
+      raise ValueError("get_masks: opt_state holds no sparsity method (dense training); pass "
+                       "params=... to get its all-keep masks")
+    return masks_lib.all_keep(params, masks_lib.prunable_tree(params))
   state = find_state(opt_state)
   return protocol(state).masks(state)
 
@@ -180,6 +196,30 @@ def final_masks(params: PyTree, opt_state: Any, sparsity: float | None = None) -
     return masks_lib.all_keep(params, masks_lib.prunable_tree(params))
   state = find_state(opt_state)
   return protocol(state).final_masks(state, params, sparsity)
+
+
+def final_params(params: PyTree, opt_state: Any, masks: PyTree | None = None) -> PyTree:
+  """The weights a run ships: the final model's effective weights ``⊙ M``.
+
+  ``M`` is ``masks`` or :func:`final_masks`; the effective weights are those the forward pass
+  would use with ``M`` installed (:func:`with_masks`, then :func:`effective_params`), so every
+  method's own folding is in: ``W ⊙ M`` for mask methods, ``W ⊙ S`` for the signed supermask
+  (its signs), ``W ⊙ [s > 0]/σ(s0)`` for Continuous Sparsification's ticket (its scale). Pruned
+  entries are exactly ``+0.0``. Evaluate the model on these params alone (no ``opt_state``);
+  ``og.export.compact_params`` stores them. For a chain without a sparsity method: ``params``.
+  Works inside ``jax.jit``.
+
+  Args:
+    params: the trained params.
+    opt_state: the optimizer state of the chain.
+    masks: bool masks of the params' treedef (e.g. ``og.final_masks(params, opt_state, 0.9)``);
+      default :func:`final_masks`.
+  """
+  if masks is None:
+    masks = final_masks(params, opt_state)
+  if has_state(opt_state):
+    params = effective_params(params, with_masks(opt_state, masks))
+  return masks_lib.apply_masks(params, masks)
 
 
 def with_masks(opt_state: Any, masks: PyTree) -> Any:

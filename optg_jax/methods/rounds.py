@@ -336,6 +336,18 @@ def rounds_state(opt_state: Any) -> RoundsState | None:
   return state if isinstance(state, RoundsState) else None
 
 
+def rewinds_next(opt_state: Any) -> bool:
+  """Whether the next update ends a round and sends the weights back to the snapshot (a host
+  read of two scalars): a training loop that evaluates the round's trained weights must do so
+  before that update, whose result is ``W_k``."""
+  state = rounds_state(opt_state)
+  if state is None:
+    return False
+  config, r = state.config.value, int(state.round)
+  ends_round = r < len(config.rewind) and int(state.round_step) + 1 == config.lengths[r]
+  return ends_round and config.rewind[r]
+
+
 def sync_rewind(params: PyTree, opt_state: Any, extra: PyTree = None,
                 saved: PyTree = None) -> tuple[PyTree, PyTree, PyTree]:
   """The training loop's hook, called after every ``apply_updates`` (inside jit or not).
