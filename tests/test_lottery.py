@@ -11,7 +11,7 @@ import pytest
 import optg_jax as og
 from optg_jax.methods import lottery
 from optg_jax.methods import rounds as rounds_lib
-from test_rounds import bitwise_equal, inner_sgd, params0, run_loop
+from test_rounds import GRAD, bitwise_equal, inner_sgd, params0, run_loop
 
 T, K, LEVELS = 6, 2, 4
 
@@ -137,3 +137,31 @@ def test_bad_arguments(kwargs, match):
   args = dict(levels=2, steps_per_level=6) | kwargs
   with pytest.raises(ValueError, match=match):
     og.lottery_ticket(args.pop("levels"), args.pop("steps_per_level"), inner_sgd(), **args)
+
+
+def _masked(tree, masks):
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, masks)
+
+
+def test_each_level_starts_a_fresh_inner_optimizer_on_the_rewound_weights(global_trace):
+  """At every level boundary the inner optimizer's state is its init value on ``W_k`` (SGD's
+  momentum buffer all zeros) with its step counters at ``K``, not the state the previous level
+  ended with; and the level's steps equal those of a fresh ``inner_sgd()`` started there by
+  hand: ``W ← W + M ⊙ update(M ⊙ ∇L(W ⊙ M))``, the decay reading the rewound ``W``."""
+  inner = inner_sgd()
+  w_k = global_trace[K][0]
+  for i in level_ends(global_trace):
+    params, opt_state = global_trace[i][:2]
+    fresh = rounds_lib.set_counts(inner.init(w_k), K)
+    got = rounds_lib.rounds_state(opt_state).inner_state
+    assert bitwise_equal(got, fresh)
+    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(
+        rounds_lib.rounds_state(global_trace[i - 1][1]).inner_state))  # there was momentum
+    masks = og.get_masks(opt_state)
+    p, s = w_k, fresh
+    for j in range(i + 1, i + T - K):  # the level's steps before its own boundary
+      grads = _masked(GRAD(_masked(p, masks), j - 1), masks)  # record j made step t = j - 1
+      updates, s = inner.update(grads, s, p)
+      p = jax.tree.map(lambda x, u: x + u, p, _masked(updates, masks))
+      for a, b in zip(jax.tree.leaves(global_trace[j][0]), jax.tree.leaves(p), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
