@@ -173,3 +173,30 @@ def test_recipe_caps_the_shrink_rate_of_a_dose_fitted_into_a_few_steps():
   for lam in (timing["granularity"] * min(t + 1, 4.5) for t in range(10)):  # ramp, then hold
     w -= 1e-3 * min(lam, timing["upper_limit"]) * w
   assert 0 <= w < 1.0  # shrinks, does not oscillate out
+
+
+def test_finetuning_hands_down_only_the_subnetworks_gradients():
+  """After the extrusion (12 steps of ``FAST``) the forward pass uses ``W ⊙ M`` and RST hands
+  ``G ⊙ M`` down the chain: under plain SGD the removed weights stay exactly where the
+  extrusion left them, though the loss's gradient at them is not zero, and the kept ones take
+  ``-lr·G``."""
+  params, lr = _params(), 0.05
+  tx = optax.chain(og.rst(0.7, **FAST), optax.sgd(lr))
+  state = tx.init(params)
+  step = helpers.jitted_step(tx, _loss)
+  extrusion = rst_lib.phases(**FAST).extrusion_steps
+  for t in range(extrusion):
+    params, state, _ = step(params, state, t)
+  assert rst_lib.phase(state[0])["phase"] == "finetune"
+  masks = og.get_masks(state)
+  removed = {k: ~np.asarray(masks[k]["kernel"]) for k in ("a", "b")}
+  assert [int(r.sum()) for r in removed.values()] == [49, 15]
+  for t in range(extrusion, extrusion + 4):
+    before = params
+    params, state, grads = step(params, state, t)
+    for k, r in removed.items():
+      w0, w1 = np.asarray(before[k]["kernel"]), np.asarray(params[k]["kernel"])
+      g = np.asarray(grads[k]["kernel"])
+      assert np.abs(g[r]).max() > 1e-6  # a dense gradient would move them
+      np.testing.assert_array_equal(w1[r], w0[r])
+      np.testing.assert_allclose(w1[~r] - w0[~r], -lr * g[~r], rtol=1e-4, atol=1e-7)
