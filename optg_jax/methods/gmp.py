@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
@@ -19,8 +20,14 @@ def gmp(
     *,
     initial_sparsity: float = 0.0,
     power: int = 3,
-    distribution: str = "uniform",
-    **selection_kwargs: Any,
+    distribution: str | Callable[..., Any] = "uniform",
+    exclude: tuple[str, ...] = (),
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    layer_axes: int | Mapping[str, int] | None = None,
+    overrides: Mapping[str, float] | None = None,
+    topk: str = "unstructured",
+    rule: str = "exact",
+    min_density: float | None = None,
 ) -> optax.GradientTransformation:
   """Gradual magnitude pruning: scores ``|W|``, cubic schedule
   ``p(t) = P + (p0 − P)(1 − (t − t0)/(t1 − t0))³``, mask refreshed every ``frequency`` steps
@@ -34,14 +41,17 @@ def gmp(
     power: exponent of the schedule (3 in the paper).
     distribution: ``'uniform'`` (the paper: the same sparsity per layer), ``'erk'``, ``'global'``
       or a callable (see :class:`~optg_jax.methods.selection.Selection`).
-    **selection_kwargs: ``exclude``, ``filter_fn``, ``layer_axes``, ``overrides``, ``topk``,
-      ``min_density`` (with ``'global'``) of :class:`~optg_jax.methods.selection.Selection`.
+    exclude, filter_fn, layer_axes, overrides, topk, rule, min_density: the fields of
+      :class:`~optg_jax.methods.selection.Selection` (``min_density`` with ``'global'``).
+      Named one by one (no ``**kwargs``), so that ``optax.inject_hyperparams`` can bind them.
 
   Returns:
     A :func:`~optg_jax.methods.pruner.scored_pruner` transformation.
   """
+  selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
+                        overrides=overrides, topk=topk, rule=rule, min_density=min_density)
   sparsity_fn = schedules.polynomial(sparsity, begin_step, end_step, frequency,
                                      initial_sparsity, power)
   return scored_pruner(sparsity, schedules.every_n_steps(frequency, begin_step, end_step + 1),
                        fraction=schedules.fraction_of_target(sparsity_fn, sparsity),
-                       selection=Selection(distribution, **selection_kwargs))
+                       selection=selection)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
@@ -93,7 +94,11 @@ def lottery_ticket(
     rewind_step: int = 0,
     rate: float = 0.2,
     distribution: str = "global",
-    **selection_kwargs: Any,
+    exclude: tuple[str, ...] = (),
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    layer_axes: int | Mapping[str, int] | None = None,
+    topk: str = "unstructured",
+    min_density: float | None = None,
 ) -> optax.GradientTransformation:
   """IMP with rewinding: ``levels`` prunings of ``rate`` of the survivors by ``|W|``.
 
@@ -109,7 +114,11 @@ def lottery_ticket(
     distribution: ``'global'`` (one magnitude threshold over all prunable weights, the
       reference) or ``'uniform'`` (each prunable leaf keeps ``ceil(N_l·(1 − rate)^L)``: DLTH's
       layerwise LTH baseline).
-    **selection_kwargs: ``exclude``, ``filter_fn`` (see :class:`optg_jax.Selection`).
+    exclude, filter_fn: which kernels are pruned (see :class:`optg_jax.Selection`).
+    layer_axes: leading layer axis of stacked kernels, with ``'global'`` only.
+    topk: the kind of top-k (``'unstructured'``, the only one for now).
+    min_density: not supported (each level keeps the exact count of its pool): a floor is a
+      ``ValueError``.
 
   Returns:
     A :func:`~optg_jax.methods.rounds.rounds` transformation; ``og.effective_params`` gives
@@ -126,7 +135,7 @@ def lottery_ticket(
     raise ValueError(f"rate must be in (0, 1), got {rate!r}")
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-  if selection_kwargs.get("layer_axes") is not None and distribution != "global":
+  if layer_axes is not None and distribution != "global":
     raise ValueError("layer_axes needs distribution='global' in lottery_ticket")
   if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, (int, np.integer)) \
       or steps_per_level < 1:
@@ -136,7 +145,8 @@ def lottery_ticket(
     lengths = (steps_per_level,) + (steps_per_level - rewind_step,) * levels
   else:
     raise ValueError(f"rewind_step must be an int in [0, {steps_per_level}), got {rewind_step!r}")
-  selection = Selection(**selection_kwargs)
+  selection = Selection(exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes, topk=topk,
+                        min_density=min_density)
   if selection.min_density:
     raise ValueError("min_density is not supported by lottery_ticket: each level keeps the "
                      "exact count of its pool (global or per leaf)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -28,7 +29,17 @@ def random_scores(seed: int):
 
 
 def random_pruning(
-    sparsity: float, seed: int = 0, *, distribution: str = "uniform", **selection_kwargs: Any
+    sparsity: float,
+    seed: int = 0,
+    *,
+    distribution: str | Callable[..., Any] = "uniform",
+    exclude: tuple[str, ...] = (),
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    layer_axes: int | Mapping[str, int] | None = None,
+    overrides: Mapping[str, float] | None = None,
+    topk: str = "unstructured",
+    rule: str = "exact",
+    min_density: float | None = None,
 ) -> optax.GradientTransformation:
   """A uniformly random mask at initialisation with exactly the requested density per pool.
 
@@ -37,8 +48,11 @@ def random_pruning(
     seed: seed of the random scores (a ``jax.random.key`` is derived from it).
     distribution: ``'uniform'`` (each layer exactly ``sparsity``), ``'erk'``, ``'global'`` or a
       callable.
-    **selection_kwargs: as in :func:`optg_jax.gmp`.
+    exclude, filter_fn, layer_axes, overrides, topk, rule, min_density: as in
+      :func:`optg_jax.gmp`.
   """
+  selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
+                        overrides=overrides, topk=topk, rule=rule, min_density=min_density)
   return scored_pruner(sparsity, schedules.in_window(0, 1),
                        score_fn=lambda params, grads, aux: aux, init_aux=random_scores(seed),
-                       selection=Selection(distribution, **selection_kwargs))
+                       selection=selection)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -14,8 +15,17 @@ from optg_jax.methods.selection import Selection
 
 
 def snip(
-    sparsity: float, num_batches: int = 1, *, distribution: str = "global",
-    **selection_kwargs: Any
+    sparsity: float,
+    num_batches: int = 1,
+    *,
+    distribution: str | Callable[..., Any] = "global",
+    exclude: tuple[str, ...] = (),
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    layer_axes: int | Mapping[str, int] | None = None,
+    overrides: Mapping[str, float] | None = None,
+    topk: str = "unstructured",
+    rule: str = "exact",
+    min_density: float | None = None,
 ) -> optax.GradientTransformation:
   """SNIP: one-shot saliency ``|W ⊙ Ḡ|`` with ``Ḡ`` the summed gradient of the first
   ``num_batches`` steps, taken at the current weights.
@@ -28,10 +38,13 @@ def snip(
     sparsity: sparsity in [0, 1).
     num_batches: batches whose gradients are summed, >= 1.
     distribution: ``'global'`` (the paper), ``'uniform'``, ``'erk'`` or a callable.
-    **selection_kwargs: as in :func:`optg_jax.gmp`.
+    exclude, filter_fn, layer_axes, overrides, topk, rule, min_density: as in
+      :func:`optg_jax.gmp`.
   """
   if num_batches < 1:
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+  selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
+                        overrides=overrides, topk=topk, rule=rule, min_density=min_density)
 
   def update_aux(aux, grads, count):
     return _trees.map_prunable(lambda a, g: jnp.where(count < num_batches, a + g, a), aux, grads)
@@ -42,4 +55,4 @@ def snip(
 
   return scored_pruner(sparsity, schedules.in_window(num_batches, num_batches + 1),
                        score_fn=saliency, init_aux=_trees.zeros, update_aux=update_aux,
-                       mask_this_update=True, selection=Selection(distribution, **selection_kwargs))
+                       mask_this_update=True, selection=selection)
