@@ -153,7 +153,8 @@ def continuous_sparsification(
   spe, search = int(steps_per_epoch), int(num_rounds)
   logit_tx = logit_optimizer or optax.sgd(0.1, momentum=0.9, nesterov=True)
   selection = Selection(exclude=tuple(exclude), filter_fn=filter_fn)
-  scale = 1.0 / float(jax.nn.sigmoid(jnp.float32(s0))) if ticket_scale else 1.0
+  with jax.ensure_compile_time_eval():  # a Python float, also when built inside jit
+    scale = 1.0 / float(jax.nn.sigmoid(jnp.float32(s0))) if ticket_scale else 1.0
 
   def soft(logits, params, round_step):
     beta = temperature(round_step // spe, epochs, final_temperature)
