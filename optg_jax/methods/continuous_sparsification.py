@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optg_jax import _checks
 from optg_jax.methods import _trees
 from optg_jax.methods import base
 from optg_jax.methods import rounds as rounds_lib
@@ -146,6 +147,9 @@ def continuous_sparsification(
                             1)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  for name, value in (("s0", s0), ("penalty", penalty), ("final_temperature", final_temperature),
+                      ("reset_temperature", reset_temperature)):
+    _checks.number(value, name, traced=False)
   if rewind_epoch >= epochs:
     raise ValueError(f"rewind_epoch must be < epochs ({epochs}), got {rewind_epoch}")
   if not penalty >= 0 or not final_temperature > 0 or not reset_temperature > 0:

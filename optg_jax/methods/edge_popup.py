@@ -63,6 +63,11 @@ def edge_popup(
     is the top-k of the final ``|s|``.
   """
   sparsity = _checks.sparsity(sparsity)
+  if not callable(learning_rate):
+    _checks.number(learning_rate, "learning_rate")
+  _checks.number(weight_decay, "weight_decay")
+  _checks.number(momentum, "momentum")
+  _checks.number(seed, "seed", integer=True)
   selection = Selection(distribution, tuple(exclude), filter_fn, layer_axes,
                         min_density=min_density)
   score_optimizer = optax.chain(optax.add_decayed_weights(weight_decay),

@@ -7,6 +7,7 @@ from typing import Any
 
 import optax
 
+from optg_jax import _checks
 from optg_jax import schedules
 from optg_jax.methods.pruner import scored_pruner
 from optg_jax.methods.selection import Selection
@@ -48,6 +49,8 @@ def gmp(
   Returns:
     A :func:`~optg_jax.methods.pruner.scored_pruner` transformation.
   """
+  sparsity = _checks.sparsity(sparsity)
+  _checks.number(power, "power")
   selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
                         overrides=overrides, topk=topk, rule=rule, min_density=min_density)
   sparsity_fn = schedules.polynomial(sparsity, begin_step, end_step, frequency,

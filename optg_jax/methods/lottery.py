@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optg_jax import _checks
 from optg_jax import select
 from optg_jax.methods import rounds as rounds_lib
 from optg_jax.methods.selection import Selection
@@ -131,7 +132,7 @@ def lottery_ticket(
   """
   if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 0:
     raise ValueError(f"levels must be an int >= 0, got {levels!r}")
-  if not 0.0 < float(rate) < 1.0:
+  if not 0.0 < float(_checks.number(rate, "rate", traced=False)) < 1.0:
     raise ValueError(f"rate must be in (0, 1), got {rate!r}")
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")

@@ -7,6 +7,7 @@ from typing import Any
 
 import optax
 
+from optg_jax import _checks
 from optg_jax import schedules
 from optg_jax.methods.pruner import scored_pruner
 from optg_jax.methods.selection import Selection
@@ -34,6 +35,8 @@ def magnitude(
     exclude, filter_fn, layer_axes, overrides, topk, rule, min_density: as in
       :func:`optg_jax.gmp`.
   """
+  sparsity = _checks.sparsity(sparsity)
+  step = _checks.number(step, "step", integer=True, traced=False)
   selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
                         overrides=overrides, topk=topk, rule=rule, min_density=min_density)
   return scored_pruner(sparsity, schedules.in_window(step, step + 1), selection=selection)

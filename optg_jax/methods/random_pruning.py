@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optg_jax import _checks
 from optg_jax import schedules
 from optg_jax.methods import _trees
 from optg_jax.methods.pruner import scored_pruner
@@ -51,6 +52,8 @@ def random_pruning(
     exclude, filter_fn, layer_axes, overrides, topk, rule, min_density: as in
       :func:`optg_jax.gmp`.
   """
+  sparsity = _checks.sparsity(sparsity)
+  _checks.number(seed, "seed", integer=True)
   selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
                         overrides=overrides, topk=topk, rule=rule, min_density=min_density)
   return scored_pruner(sparsity, schedules.in_window(0, 1),

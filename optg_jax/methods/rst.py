@@ -153,6 +153,11 @@ def rst(
     raise ValueError(f"pick must be 'random' or 'min', got {pick!r}")
   if count not in ("reference", "exact"):
     raise ValueError(f"count must be 'reference' or 'exact', got {count!r}")
+  for name, value in (("cycles", cycles), ("interval", interval), ("stabilize", stabilize)):
+    _checks.number(value, name, integer=True, traced=False)
+  for name, value in (("granularity", granularity), ("upper_limit", upper_limit)):
+    _checks.number(value, name, traced=False)
+  _checks.number(seed, "seed", integer=True)
   if cycles < 1 or interval < 1 or stabilize < 0 or not granularity > 0:
     raise ValueError("cycles and interval must be >= 1, stabilize >= 0 and granularity > 0")
   selection = Selection(distribution, tuple(exclude), filter_fn)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optg_jax import _checks
 from optg_jax import initializers
 from optg_jax import optimizers
 from optg_jax.methods import base
@@ -62,6 +63,14 @@ def signed_supermask(
     the chain: nothing that turns a zero update into a non-zero one (weight decay, Adam's bias)
     may follow it. Its masks are int8 in {-1, 0, +1}; ``og.get_masks`` gives their support.
   """
+  for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+    if not callable(value):
+      _checks.number(value, name)
+  if steps_per_epoch is not None:
+    _checks.number(steps_per_epoch, "steps_per_epoch", integer=True, traced=False)
+  _checks.number(threshold, "threshold")
+  _checks.number(momentum, "momentum")
+  _checks.number(seed, "seed", integer=True)
   selection = Selection("uniform", tuple(exclude), filter_fn)
   lr = _decayed(learning_rate, steps_per_epoch)
   wd = _decayed(weight_decay, steps_per_epoch)

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
+from optg_jax import _checks
 from optg_jax import schedules
 from optg_jax.methods import _trees
 from optg_jax.methods.pruner import scored_pruner
@@ -41,6 +42,8 @@ def snip(
     exclude, filter_fn, layer_axes, overrides, topk, rule, min_density: as in
       :func:`optg_jax.gmp`.
   """
+  sparsity = _checks.sparsity(sparsity)
+  _checks.number(num_batches, "num_batches", integer=True, traced=False)
   if num_batches < 1:
     raise ValueError(f"num_batches must be >= 1, got {num_batches}")
   selection = Selection(distribution, exclude=exclude, filter_fn=filter_fn, layer_axes=layer_axes,
