@@ -236,3 +236,48 @@ def test_nnx_state_paths_read_as_a_user_writes_them():
   summary = og.sparsity_summary(masks)
   assert sorted(summary.leaves) == ["fc1/kernel"]
   assert int(summary.leaves["fc1/kernel"].kept) == 6
+
+
+def _gradient_score(params, grads, aux):
+  """``|W ⊙ G|``, a score that needs the gradient."""
+  del aux
+  return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+
+
+@pytest.mark.parametrize("begin", [0, 2])
+def test_scored_pruner_score_fn_without_grads_at_init_is_named(begin):
+  """``score_fn`` gets ``grads=None`` at init, also when ``refresh(0)`` is false (the init's
+  selection is traced either way): a score that needs gradients fails there with the contract
+  in the message, its own error chained."""
+  tx = og.methods.pruner.scored_pruner(0.5, og.schedules.in_window(begin, begin + 1),
+                                       score_fn=_gradient_score)
+  with pytest.raises(TypeError, match=r"score_fn raised ValueError at init, where it is called "
+                                      r"with grads=None.*handle grads=None") as info:
+    tx.init(_params())
+  assert isinstance(info.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_scored_pruner_score_fn_that_handles_none_uses_the_step_gradient(jit):
+  """The contract kept (``|W|`` while ``grads`` is ``None``): the refresh of step 1 keeps the
+  top half of ``|W ⊙ G|`` of step 0's gradient, the score's only call with a gradient."""
+  calls = []
+
+  def score(params, grads, aux):
+    calls.append(grads is None)
+    return jax.tree.map(jnp.abs, params) if grads is None else _gradient_score(params, grads, aux)
+
+  tx = og.methods.pruner.scored_pruner(0.5, og.schedules.in_window(1, 2), score_fn=score,
+                                       selection=og.Selection("uniform"))
+  params = _params()
+  state = tx.init(params)
+  assert calls == [True]
+  grads = jax.grad(_loss)(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  _, state = update(grads, state, params)
+  assert calls == [True, False]
+  for leaf in ("a", "b"):
+    saliency = np.abs(np.asarray(params[leaf]["kernel"] * grads[leaf]["kernel"])).ravel()
+    kept = np.asarray(og.get_masks(state)[leaf]["kernel"]).ravel()
+    assert kept.sum() == saliency.size - saliency.size // 2
+    assert saliency[kept].min() >= saliency[~kept].max()

@@ -26,7 +26,8 @@ from optg_jax.methods.selection import Selection
 
 PyTree = Any
 ScoreFn = Callable[[PyTree, PyTree | None, PyTree], PyTree]
-"""``(params, grads, aux) -> scores``: higher is kept; ``grads`` is ``None`` at ``init``."""
+"""``(params, grads, aux) -> scores``: higher is kept; ``grads`` is ``None`` at ``init`` (see
+:func:`scored_pruner`)."""
 
 
 class PrunerState(NamedTuple):
@@ -78,7 +79,14 @@ def scored_pruner(
     sparsity: the final sparsity ``P`` in [0, 1).
     refresh: ``step -> bool``: recompute the mask the forward pass of ``step`` uses (at ``init``
       for step 0, else in the update of ``step - 1``).
-    score_fn: the score, higher kept (default ``|W|``).
+    score_fn: ``(params, grads, aux) -> scores``, higher kept (default ``|W|``): a float tree
+      of the params' shapes at the prunable leaves (anything elsewhere). It is called with
+      ``grads=None`` once, at ``init``: the mask of step 0 is selected there, before any
+      gradient exists, and the call is traced even when ``refresh(0)`` is false (both branches
+      of the ``lax.cond`` are). A score that uses gradients must handle ``None``, e.g.
+      ``jax.tree.map(jnp.abs, params) if grads is None else ...``, or keep what it needs in
+      ``aux`` (SNIP sums the gradients there with ``update_aux``); ``init`` re-raises its error
+      as a ``TypeError`` that says so. In ``update`` it gets the gradient of the step.
     fraction: ``step -> fraction of P`` the mask of ``step`` prunes (default 1: one-shot).
     selection: pool, per-layer budget and prunable leaves.
     init_aux: ``(params, prunable) -> aux`` (default ``None``).
@@ -96,10 +104,22 @@ def scored_pruner(
   def select(params, grads, aux, step):
     return selection.masks(score_fn(params, grads, aux), params, fraction(step), final)
 
+  def select_at_init(params, aux):
+    try:
+      scores = score_fn(params, None, aux)
+    except (TypeError, ValueError, AttributeError) as e:  # what using None as a tree raises
+      raise TypeError(
+          f"scored_pruner: score_fn raised {type(e).__name__} at init, where it is called with "
+          "grads=None (the mask of step 0 is selected before any gradient exists; the call is "
+          "traced even when refresh(0) is false). A score that uses gradients must handle "
+          "grads=None, e.g. return jax.tree.map(jnp.abs, params) or any scores of the params' "
+          f"shapes then, or keep what it needs in aux. The error: {e}") from e
+    return selection.masks(scores, params, fraction(0), final)
+
   def init_fn(params):
     prunable = selection.prunable(params)
     aux = None if init_aux is None else init_aux(params, prunable)
-    masks = jax.lax.cond(refresh(0), lambda: select(params, None, aux, 0),
+    masks = jax.lax.cond(refresh(0), lambda: select_at_init(params, aux),
                          lambda: masks_lib.all_keep(params, prunable))
     if init_only and update_aux is None:
       aux = None  # only the selection at init reads it (random scores: 4 bytes a weight)
