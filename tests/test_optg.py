@@ -240,7 +240,7 @@ def test_works_inside_optax_wrappers(wrap):
   assert int(state.count) == SPE * EPOCHS
   kept = sum(int(m.sum()) for m in jax.tree.leaves(og.get_masks(opt_state)) if m.ndim)
   n = 64
-  assert kept == n - math.floor(0.6 * _fraction(SPE * EPOCHS) * n)
+  assert kept == n - math.floor(0.6 * _fraction((EPOCHS - 1) * SPE) * n)  # the last epoch's
   w_eff = og.effective_params(params, opt_state)
   assert int(sum(jnp.count_nonzero(w) for w in jax.tree.leaves(w_eff) if w.ndim == 2)) == kept
 
@@ -274,8 +274,10 @@ def test_bad_input():
   state = tx.init(_params())
   with pytest.raises(ValueError, match="params"):
     tx.update(_params(), state)
+  assert og.effective_params(_params(), optax.sgd(0.1).init(_params())) is not None  # dense
+  two = optax.chain(og.mask_optimizer(0.5, 0.1, SPE, EPOCHS), og.gmp(0.5, 0, 4, 2))
   with pytest.raises(ValueError, match="exactly one"):
-    og.effective_params(_params(), optax.sgd(0.1).init(_params()))
+    og.effective_params(_params(), two.init(_params()))
 
 
 def test_budget_ramp_reaches_the_target_exactly_at_six_tenths_of_the_run():
@@ -371,3 +373,19 @@ def test_final_model_selects_again_when_the_ramp_never_reached_the_target():
 def test_final_must_be_a_known_rule():
   with pytest.raises(ValueError, match="final must be one of"):
     og.mask_optimizer(0.7, 0.5, SPE, EPOCHS, final="best")
+
+
+def test_budget_ramp_fixes_the_mask_after_its_first_epoch_at_the_target():
+  """E = 10: the ramp reaches P at epoch 6; the mask refreshes at epochs 1..6 only, and the
+  last four epochs train one mask, at P exactly."""
+  epochs = 10
+  tx = optax.chain(og.mask_optimizer(0.7, 0.5, SPE, epochs, ramp="budget"), optax.sgd(0.1))
+  _, opt_state, history = _run(tx, SPE * epochs)
+  masks = [h[1] for h in history] + [og.get_masks(opt_state)]
+  changed = [t for t in range(1, len(masks))
+             if any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(masks[t - 1]),
+                                                           jax.tree.leaves(masks[t])))]
+  assert changed and all(t % SPE == 0 and t <= 6 * SPE for t in changed), changed
+  assert 6 * SPE in changed
+  kept = sum(int(m.sum()) for m in jax.tree.leaves(masks[-1]) if m.ndim)
+  assert kept == 64 - math.floor(0.7 * 64)
