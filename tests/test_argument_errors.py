@@ -46,14 +46,7 @@ CONSTRUCTORS = {
                       dict(sparsity=0.5, refresh=og.schedules.in_window(0, 1)), ("sparsity",)),
 }
 
-# optg.py is not checked yet for these (a string fails inside arithmetic, unnamed); strict, so
-# that the fix turns them into failures that ask for these marks to go.
-PENDING = {("mask_optimizer", name) for name in
-           ("learning_rate", "total_epochs", "beta", "momentum", "score_weight_decay")}
-
-CASES = [pytest.param(method, name, marks=pytest.mark.xfail(
-    (method, name) in PENDING, reason="optg.py does not check it yet", strict=True),
-    id=f"{method}-{name}")
+CASES = [pytest.param(method, name, id=f"{method}-{name}")
          for method, (_, _, names) in CONSTRUCTORS.items() for name in names]
 
 

@@ -137,6 +137,12 @@ def mask_optimizer(
     :class:`~optg_jax.methods.scores.ScoresState`.
   """
   target = _checks.sparsity(sparsity)
+  if not callable(learning_rate):
+    _checks.number(learning_rate, "learning_rate")
+  _checks.number(momentum, "momentum")
+  _checks.number(score_weight_decay, "score_weight_decay")
+  if total_epochs is not None:
+    _checks.number(total_epochs, "total_epochs", integer=True)
   if selection_rule not in SELECTION_RULES:
     raise ValueError(f"selection_rule must be one of {SELECTION_RULES}, got {selection_rule!r}")
   selection = Selection(distribution, exclude, filter_fn, layer_axes, overrides,
@@ -144,6 +150,7 @@ def mask_optimizer(
   refresh_end = total_epochs
   if sparsity_schedule is None:
     _require(steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
+    _checks.number(beta, "beta", traced=False)
     fraction, refresh_end = _ramp(ramp, steps_per_epoch, total_epochs, beta)
   else:
     fraction = schedules.fraction_of_target(sparsity_schedule, target)
