@@ -191,3 +191,23 @@ def test_bad_arguments_are_refused(kwargs, match):
 def test_final_masks_refuse_a_sparsity(trace):
   with pytest.raises(ValueError, match="s0"):
     og.final_masks(trace[-1][0], trace[-1][1], sparsity=0.5)
+
+
+def test_get_masks_right_after_a_reset_is_the_ticket_the_boundary_cut(trace):
+  """At the first step of round 2 the reset logits (``min(s, s0)``, s0 = 0) give an empty
+  ``[s > 0]``; ``og.get_masks`` then reports the ticket ``[s > 0]`` of the logits before the
+  reset, and ``[s > 0]`` again once the round trains."""
+  end = E * SPE
+  after, later = trace[end], trace[end + 1]
+  assert int(state(after).round) == 1 and int(state(after).round_step) == 0
+  assert all(not (np.asarray(s) > 0).any() for s in kernels(state(after).aux.logits))
+  pre_reset = state(run_loop(make(num_rounds=1, ticket=False), end)[end]).aux.logits
+  cut = og.get_masks(after[1])
+  for m, s in zip(kernels(cut), kernels(pre_reset)):
+    s = np.asarray(s)  # another program: equal up to float rounding, so skip near-zero logits
+    clear = np.abs(s) > 1e-4
+    np.testing.assert_array_equal(np.asarray(m)[clear], (s > 0)[clear])
+  summary = og.sparsity_summary(cut)
+  assert 0 < int(summary.kept) < summary.total  # not the 100% of an empty [s > 0]
+  for m, s in zip(kernels(og.get_masks(later[1])), kernels(state(later).aux.logits)):
+    np.testing.assert_array_equal(m, np.asarray(s) > 0)

@@ -26,7 +26,9 @@ the ticket mask is scaled by ``1/σ(s0)``. One deviation, for exactness: the mas
 so that it is exactly 1 at the start for any ``s0``.
 
 CS does not target a sparsity: ``s0`` (higher: denser), ``λ`` (higher: sparser) and ``β_T``
-steer it; ``og.get_masks`` and ``og.final_masks`` give the ticket ``[s > 0]`` it would cut now.
+steer it; ``og.get_masks`` and ``og.final_masks`` give the ticket ``[s > 0]`` it would cut now
+(``og.get_masks`` right after a reset, where the reset logits give an empty ``[s > 0]`` for
+``s0 <= 0``: the ticket the boundary just cut).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 import optax
 
 from optg_jax import _checks
+from optg_jax import masks as masks_lib
 from optg_jax.methods import _trees
 from optg_jax.methods import base
 from optg_jax.methods import rounds as rounds_lib
@@ -51,9 +54,13 @@ PyTree = Any
 
 class CSAux(NamedTuple):
   """The policy's arrays in :attr:`RoundsState.aux`: the float32 ``logits`` (per masked leaf,
-  ``None`` elsewhere) and their optimizer's ``logit_state``."""
+  ``None`` elsewhere), their optimizer's ``logit_state``, and ``cut``: the bool ticket
+  ``[s > 0]`` the last round boundary cut, before the reset (all-keep before the first), which
+  ``og.get_masks`` reports right after a reset, when ``[s > 0]`` of the reset logits is empty
+  for ``s0 <= 0``."""
   logits: PyTree
   logit_state: optax.OptState
+  cut: PyTree
 
 
 def spatial_convs(path: str, leaf: Any) -> bool:
@@ -170,13 +177,13 @@ def continuous_sparsification(
 
   def init_aux(params, prunable):
     logits = initial_logits(params, prunable)
-    return CSAux(logits, logit_tx.init(logits))
+    return CSAux(logits, logit_tx.init(logits), masks_lib.all_keep(params, prunable))
 
   def init_masks(params, prunable):
     return soft(initial_logits(params, prunable), params, 0)
 
   def search_step(grads, state, params):
-    logits, logit_state = state.aux
+    logits, logit_state, cut = state.aux
     beta = temperature(state.round_step // spe, epochs, final_temperature)
     logit_grads = _trees.map_prunable(  # dL/dm = G ⊙ W, plus the penalty's λ
         lambda s, g, w: jax.vjp(lambda x: soft_mask(x, beta, s0), s)[1](g * w + penalty)[0],
@@ -184,7 +191,7 @@ def continuous_sparsification(
     updates, logit_state = logit_tx.update(logit_grads, logit_state, logits)
     logits = optax.apply_updates(logits, updates)
     masks = soft(logits, params, state.round_step + 1)
-    return base.masked(grads, state.masks), masks, CSAux(logits, logit_state)
+    return base.masked(grads, state.masks), masks, CSAux(logits, logit_state, cut)
 
   def step_fn(grads, state, params):
     if not ticket:
@@ -194,14 +201,20 @@ def continuous_sparsification(
 
   def next_masks(params, masks, boundary, aux):
     del masks
-    logits, logit_state = aux
+    logits, logit_state, _ = aux
+    cut = _ticket(logits, params)
     to_ticket = boundary == search - 1
     reset = _trees.map_prunable(lambda s: jnp.minimum(reset_temperature * s, s0), logits)
     logits = rounds_lib.pick(to_ticket, logits, reset)
     logit_state = rounds_lib.set_counts(logit_state, 0)
     ticket_masks = _values(_ticket(logits, params))
     return (rounds_lib.pick(to_ticket, ticket_masks, soft(logits, params, 0)),
-            CSAux(logits, logit_state))
+            CSAux(logits, logit_state, cut))
+
+  def masks_view(state):
+    """``[s > 0]``; right after a reset between search rounds, the ticket the boundary cut."""
+    just_reset = (state.round_step == 0) & (state.round > 0) & (state.round < search)
+    return rounds_lib.pick(just_reset, state.aux.cut, _ticket(state.aux.logits, state.masks))
 
   def _values(bool_masks):
     return jax.tree.map(lambda m: m if m.ndim == 0 else jnp.where(m, scale, 0.0).astype(
@@ -214,7 +227,7 @@ def continuous_sparsification(
       inner, lengths, len(lengths), next_masks, rewind_step=rewind_epoch * spe,
       rewind=last_is_ticket, reset_inner=last_is_ticket, schedule_step=0, mask_updates=False,
       selection=selection, init_masks=init_masks, init_aux=init_aux, step_fn=step_fn,
-      masks_view=lambda state: _ticket(state.aux.logits, state.masks),
+      masks_view=masks_view,
       final_masks=_final_masks, mask_values=lambda state, m: _values(m))
 
   def init_fn(params):
