@@ -30,7 +30,7 @@ params = model.init(jax.random.key(0), train.images[:1])["params"]
 spe = len(train.labels) // BATCH
 lr = optax.cosine_decay_schedule(0.1, EPOCHS * spe)
 tx = optax.chain(
-    og.mask_optimizer(SPARSITY, lr, steps_per_epoch=spe, total_epochs=EPOCHS),
+    og.mask_optimizer(SPARSITY, lr, steps_per_epoch=spe, total_epochs=EPOCHS, ramp="auto"),
     optax.add_decayed_weights(5e-4),
     optax.sgd(lr, momentum=0.9),
 )
@@ -55,9 +55,9 @@ for epoch in range(EPOCHS):
   for idx in rng.permutation(len(train.labels))[:spe * BATCH].reshape(spe, BATCH):
     params, opt_state, loss = train_step(params, opt_state, train.images[idx], train.labels[idx])
 
-w_eff = og.effective_params(params, opt_state)
-accuracy = np.mean(np.argmax(model.apply({"params": w_eff}, test.images), -1) == test.labels)
-summary = og.sparsity_summary(og.get_masks(opt_state))
+shipped = og.final_params(params, opt_state)  # the final model: W ⊙ M, what a run ships
+accuracy = np.mean(np.argmax(model.apply({"params": shipped}, test.images), -1) == test.labels)
+summary = og.sparsity_summary(og.final_masks(params, opt_state))
 for name, leaf in summary.leaves.items():
   print(f"{name:<20} kept {int(leaf.kept):>7} / {leaf.total:<7} sparsity {float(leaf.sparsity):.4f}")
 print(f"total sparsity {float(summary.sparsity):.4f}, test accuracy {accuracy:.4f}")
