@@ -89,6 +89,15 @@ def test_logit_gradient_is_autodiff_of_loss_plus_penalty(with_loss):
 
 
 def test_weights_get_the_chain_rule_through_the_mask():
+  """The weights' update is ``−G ⊙ m`` (``G`` taken at ``W ⊙ m``): autodiff of the loss through
+  the mask.
+
+  The two sides come from different programs, so they agree up to the float32 rounding of each
+  leaf's largest entries, not entry by entry: within ``16·eps32·max|g|`` per leaf (on one CPU an
+  entry of 0.0302 was 7.2e-7 off in a leaf reaching 4.2, 1.4 of ``eps32·max|g|``). Leaving the
+  mask factor out (0.75 on every kernel entry here) is off by a quarter of ``max|g|``, which
+  the tolerance refuses (checked on ``G`` itself below).
+  """
   tx = og.continuous_sparsification(optax.sgd(1.0), SPE, E, filter_fn=None, s0=0.5)
   params = params0()
   st = tx.init(params)
@@ -96,8 +105,11 @@ def test_weights_get_the_chain_rule_through_the_mask():
   grads = GRAD(og.effective_params(params, st), 0)
   updates, _ = tx.update(grads, st, params)
   want = jax.grad(lambda w: loss(jax.tree.map(lambda x, m: x * m, w, st.masks), 0))(params)
-  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
-    np.testing.assert_allclose(-u, g, rtol=2e-5, atol=1e-7)  # float32 reassociation
+  for u, g, g_eff, m in zip(*(jax.tree.leaves(t) for t in (updates, want, grads, st.masks))):
+    atol = 16 * np.finfo(np.float32).eps * np.abs(g).max()
+    np.testing.assert_allclose(-u, g, rtol=0, atol=atol)
+    if np.ndim(m):  # a masked kernel: G without the mask factor is out of tolerance
+      assert np.abs(np.asarray(g_eff) - g).max() > 1000 * atol
 
 
 @pytest.mark.parametrize("reset_temperature", [1.0, BETA_T])
