@@ -52,15 +52,32 @@ def accuracy(tmp_path_factory):
 
 @pytest.mark.slow
 def test_optg_stays_near_dense_at_95_and_98_percent(accuracy):
-  """Margins set from the spread measured over seeds 0-4, as is and under
-  ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` and ``SSE4_2`` (see MEASURED below)."""
+  """Means over seeds 0-2 with margins of 4-5 standard deviations of such a mean.
+
+  Measured over seeds 0-4 (``python tests/test_end_to_end.py OUT.json 0,1,2,3,4``), final test
+  accuracy per seed, the same as is and under ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``;
+  ``SSE4_2`` moved single seeds by up to 0.008:
+
+  ========  =================================  ==================
+  run       seeds 0-4                          mean of seeds 0-2
+  ========  =================================  ==================
+  dense     .955 .955 .949 .951 .947            .953 (SSE4_2 .952)
+  optg_95   .948 .935 .934 .944 .938            .939 (SSE4_2 .936)
+  optg_98   .931 .924 .925 .931 .934            .927 (SSE4_2 .928)
+  snip_98   .918 .914 .908 .915 .912            .913
+  ========  =================================  ==================
+
+  Per-seed standard deviation about 0.005, so about 0.004 for a difference of two 3-seed
+  means; the margins below are 0.02 or more. The comparison with SNIP (OptG ahead by 0.010 to
+  0.022 per seed) is reported in the README, not asserted.
+  """
   dense, optg_95, optg_98, snip_98 = (accuracy[k] for k in ("dense", "optg_95", "optg_98",
                                                             "snip_98"))
   print(f"dense {dense:.4f}  optg@95 {optg_95:.4f}  optg@98 {optg_98:.4f}  snip@98 {snip_98:.4f}")
-  assert dense > 0.9  # a working dense baseline first: the comparisons below mean nothing without
-  assert optg_95 >= dense - 0.02
-  assert optg_98 >= dense - 0.04
-  assert snip_98 > 0.8  # the baseline the README compares with trains too
+  assert dense > 0.92  # a working dense baseline first: the comparisons below mean nothing without
+  assert optg_95 >= dense - 0.035
+  assert optg_98 >= dense - 0.05
+  assert snip_98 > 0.88  # the baseline the README compares with trains too
 
 
 if __name__ == "__main__":
