@@ -332,3 +332,18 @@ def test_exact_ties_go_to_the_earlier_leaf_then_the_lower_index(distribution):
                                           for p in KERNELS)
     assert tied_b.any() and not kept_b[tied_b].any()
     assert kept_a[tied_a][0] and np.all(np.diff(kept_a[tied_a].astype(int)) <= 0)
+
+
+def test_gmp_reaches_its_target_when_the_window_is_off_the_refresh_grid():
+  """``end_step − begin_step`` not a multiple of ``frequency``: the mask is still refreshed at
+  ``end_step`` (the docstring's "inclusive"), so the run ends at exactly ``k = N − floor(P·N)``."""
+  params = {"w": jnp.arange(1.0, 101.0).reshape(10, 10)}
+  tx = og.gmp(0.8, 1, 6, 2)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  kept = []
+  for _ in range(8):
+    _, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
+    kept.append(int(og.get_masks(state)["w"].sum()))
+  assert kept[-1] == 100 - math.floor(0.8 * 100), kept
+  assert kept[5] == 20 and kept[4] > 20  # selected in the update of step 5, for step 6
