@@ -375,9 +375,9 @@ def test_final_must_be_a_known_rule():
     og.mask_optimizer(0.7, 0.5, SPE, EPOCHS, final="best")
 
 
-def test_budget_ramp_fixes_the_mask_after_its_first_epoch_at_the_target():
-  """E = 10: the ramp reaches P at epoch 6; the mask refreshes at epochs 1..6 only, and the
-  last four epochs train one mask, at P exactly."""
+def test_budget_ramp_fixes_the_mask_for_the_last_tenth_of_the_run():
+  """E = 10: the ramp reaches P at epoch 6; the mask refreshes at epoch starts up to epoch 8,
+  and the last epoch trains the mask of epoch 8, at P exactly."""
   epochs = 10
   tx = optax.chain(og.mask_optimizer(0.7, 0.5, SPE, epochs, ramp="budget"), optax.sgd(0.1))
   _, opt_state, history = _run(tx, SPE * epochs)
@@ -385,7 +385,7 @@ def test_budget_ramp_fixes_the_mask_after_its_first_epoch_at_the_target():
   changed = [t for t in range(1, len(masks))
              if any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(masks[t - 1]),
                                                            jax.tree.leaves(masks[t])))]
-  assert changed and all(t % SPE == 0 and t <= 6 * SPE for t in changed), changed
+  assert changed and all(t % SPE == 0 and t <= 8 * SPE for t in changed), changed
   assert 6 * SPE in changed
   kept = sum(int(m.sum()) for m in jax.tree.leaves(masks[-1]) if m.ndim)
   assert kept == 64 - math.floor(0.7 * 64)
