@@ -64,7 +64,7 @@ def _check_end(end: Any, begin: int, name: str, begin_name: str, strict: bool) -
 
 
 def _check_finite(value: Any, name: str) -> float:
-  value = float(_checks.concrete(value, name))
+  value = float(_checks.number(value, name, traced=False))
   if not math.isfinite(value):
     raise ValueError(f"{name} must be finite, got {value!r}.")
   return value

@@ -91,3 +91,15 @@ def test_sparsity_string_is_named():
     og.mask_optimizer(sparsity="abc", learning_rate=0.1, steps_per_epoch=2, total_epochs=4)
   with pytest.raises(TypeError, match=r"^overrides\['a'\] must be a real number"):
     og.Selection("uniform", overrides={"a": "0.5"})
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda v: og.schedules.polynomial(0.9, 0, 10, 1, power=v), "power"),
+    (lambda v: og.schedules.polynomial(0.9, 0, v, 1), "end_step"),
+    (lambda v: og.schedules.sigmoid(0.9, 10, 5, beta=v), "beta"),
+    (lambda v: og.schedules.sigmoid_window_fraction(10, v, 6.0), "begin_epoch"),
+    (lambda v: og.schedules.every_n_steps(v), "n"),
+])
+def test_a_string_names_its_schedule_argument(make, name):
+  with pytest.raises(TypeError, match=rf"\b{name}\b"):
+    make("abc")
