@@ -216,7 +216,7 @@ class FinalMasksTest(chex.TestCase):
 
 def test_default_is_exact():
   state = og.mask_optimizer(0.5, 0.1, 1, 10, ramp="auto").init(_params())
-  assert og.methods.base.find_state(state).final.value.selection.rule == "exact"
+  assert og.methods.base.find_state(state).final.value.reselect.selection.rule == "exact"
   default = og.mask_optimizer(0.5, 0.0, 1, 10, ramp="auto").init(_params())
   assert _tx(0.5, "exact").init(_params()).final.value == default.final.value
 
