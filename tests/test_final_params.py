@@ -113,3 +113,26 @@ def test_a_chain_without_a_method_is_dense_training():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="pass params"):
     og.get_masks(opt_state)
+
+
+def test_continuous_sparsification_mid_search_ships_the_ticket_it_would_cut():
+  """In the middle of a search round the forward pass uses soft masks; ``og.final_params`` is
+  still the ticket ``W ⊙ [s > 0]/σ(s0)``, not the soft-masked weights."""
+  options = OPTIONS["continuous_sparsification"]
+  tx = recipes.make_optimizer("continuous_sparsification", SPARSITY, steps_per_epoch=SPE,
+                              epochs=EPOCHS, seed=0, **options)
+  params = _params()
+  opt_state = tx.init(params)
+  step = helpers.jitted_step(tx, _loss)
+  for t in range(EPOCHS * SPE + 3):  # into round 2
+    params, opt_state, _ = step(params, opt_state, t)
+  state = og.methods.base.find_state(opt_state)
+  assert int(state.round) == 1 and int(state.round_step) == 3
+  soft = state.masks["fc1"]["kernel"]
+  assert not np.all(np.isin(np.asarray(soft), [0.0, 2.0]))  # soft, not a ticket
+  shipped = og.final_params(params, opt_state)
+  for name in ("fc1", "fc2"):
+    ticket = np.asarray(state.aux.logits[name]["kernel"]) > 0
+    assert ticket.any() and not ticket.all()
+    expected = np.where(ticket, np.asarray(params[name]["kernel"]) * np.float32(2.0), 0.0)
+    np.testing.assert_array_equal(shipped[name]["kernel"], expected)
