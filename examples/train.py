@@ -12,8 +12,9 @@ into ``WORKDIR/checkpoints`` and appends a line to ``WORKDIR/metrics.jsonl``; a 
 holds a checkpoint continues from it and ends exactly as an uninterrupted run does. With a dense
 baseline, the dense model trains with the same budget into ``WORKDIR/dense``. The job ends with a
 dense vs sparse summary (accuracy, parameters and FLOPs per layer) in ``summary.txt`` /
-``summary.json``, and PNG plots in the workdir. The final model uses ``og.final_masks``: for
-OptG the mask of the final scores at the full target sparsity, as the reference does.
+``summary.json``, and PNG plots in the workdir. The final model is ``og.final_params`` (what
+``model.ospk`` ships): for OptG the mask its last epoch trained with once at the target; the
+summary reports the last epoch's accuracy beside it whenever the two differ.
 """
 
 from __future__ import annotations

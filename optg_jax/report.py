@@ -183,8 +183,9 @@ def plot_history(path: str | os.PathLike[str], records: Sequence[Mapping[str, An
 
   ``records`` (and the optional ``dense`` baseline's) hold ``epoch``, ``test_accuracy`` and
   ``sparsity``, as the lines of ``metrics.jsonl``: each epoch's accuracy with the mask it was
-  trained with. ``final`` (the same keys) is the final model, drawn as its own point: for OptG
-  the final scores' mask at the full target, which no epoch trained with.
+  trained with. ``final`` (the same keys) is the final model, drawn as its own point (for OptG
+  the last epoch's mask once at the target; with ``final='reselect'`` or a ramp that never
+  reached it, the final scores' mask at the target, which no epoch trained with).
   """
   fig, (acc, spa) = _figure(2, (10, 4))
   from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel

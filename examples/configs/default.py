@@ -18,7 +18,7 @@ from typing import Any
 METHODS: Mapping[str, Mapping[str, Any]] = {
     "dense": {},
     # 'auto': the authors' ramp from 100 epochs on, below that the budget ramp, which reaches
-    # the target at 0.6·E (og.mask_optimizer's `ramp`; the job prints which one it uses).
+    # the target at min(0.6·E, E − 1) (og.mask_optimizer's `ramp`; the job prints which).
     "optg": {"ramp": "auto"},
     "gmp": {},
     "magnitude": {},

@@ -170,8 +170,9 @@ def get_masks(opt_state: Any, params: PyTree = None) -> PyTree:
 def final_masks(params: PyTree, opt_state: Any, sparsity: float | None = None) -> PyTree:
   """The bool masks of the final model (the params' treedef).
 
-  The method's state knows how it selects: OptG takes the top-k of its final scores at the full
-  target with the ``distribution``, ``exclude``, ``layer_axes`` and ``selection_rule`` it was
+  The method's state knows how it selects: OptG keeps the mask its last step trained with once
+  that mask is at the target (``final='trained'``), else takes the top-k of its final scores at
+  the full target with the ``distribution``, ``exclude``, ``layer_axes`` and ``selection_rule`` it was
   built with (exactly ``k`` by default; ties kept with ``selection_rule='reference'``); the
   pruning baselines and the methods with rounds hold their final mask already (Continuous
   Sparsification: its ticket ``[s > 0]``). Works inside ``jax.jit`` (``sparsity`` static).
