@@ -379,10 +379,10 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
     inverted = float(og.methods.signed_supermask.inverted_fraction(outcome.state.opt_state))
     table += (f"\nweights remaining {1 - rep.sparsity:.2%} of the masked weights, of which "
               f"{inverted / max(1 - rep.sparsity, 1e-12):.2%} inverted ({inverted:.2%} of all)")
-  last = outcome.records[-1] if outcome.records else None
-  if last is not None and last["test_accuracy"] != outcome.accuracy:
-    table += (f"\nfinal model: test accuracy {outcome.accuracy:.2%} at sparsity {rep.sparsity:.2%}; "
-              f"the last epoch trained to {last['test_accuracy']:.2%} at sparsity "
+  last = outcome.records[-1]  # a finished run has trained at least one epoch
+  if last["test_accuracy"] != outcome.accuracy:
+    table += (f"\nfinal model: test accuracy {outcome.accuracy:.2%} at sparsity "
+              f"{rep.sparsity:.2%}; the last epoch trained to {last['test_accuracy']:.2%} at sparsity "
               f"{last['sparsity']:.2%} (the final model's masks or weights differ from those "
               "the last epoch was evaluated with)")
   skipped = skipped_steps(outcome.state.opt_state)
@@ -411,7 +411,7 @@ def summarize(cfg: Config, workdir: pathlib.Path, outcome: Outcome,
   write_json(workdir / "summary.json", {
       "config": cfg.to_json(), "dense_accuracy": dense_accuracy,
       "sparse_accuracy": outcome.accuracy,
-      "last_epoch_accuracy": last["test_accuracy"] if last else None,
+      "last_epoch_accuracy": last["test_accuracy"],
       "report": report.to_json(rep)})
   return table
 

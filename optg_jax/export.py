@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from optg_jax import _paths
-from optg_jax import masks as masks_lib
 from optg_jax.methods import base
 
 PyTree = Any

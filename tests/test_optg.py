@@ -274,7 +274,8 @@ def test_bad_input():
   state = tx.init(_params())
   with pytest.raises(ValueError, match="params"):
     tx.update(_params(), state)
-  assert og.effective_params(_params(), optax.sgd(0.1).init(_params())) is not None  # dense
+  params = _params()
+  assert og.effective_params(params, optax.sgd(0.1).init(params)) is params  # dense training
   two = optax.chain(og.mask_optimizer(0.5, 0.1, SPE, EPOCHS), og.gmp(0.5, 0, 4, 2))
   with pytest.raises(ValueError, match="exactly one"):
     og.effective_params(_params(), two.init(_params()))

@@ -172,8 +172,8 @@ def final_masks(params: PyTree, opt_state: Any, sparsity: float | None = None) -
 
   The method's state knows how it selects: OptG keeps the mask its last step trained with once
   that mask is at the target (``final='trained'``), else takes the top-k of its final scores at
-  the full target with the ``distribution``, ``exclude``, ``layer_axes`` and ``selection_rule`` it was
-  built with (exactly ``k`` by default; ties kept with ``selection_rule='reference'``); the
+  the full target with the ``distribution``, ``exclude``, ``layer_axes`` and ``selection_rule``
+  it was built with (exactly ``k`` by default; ties kept with ``selection_rule='reference'``); the
   pruning baselines and the methods with rounds hold their final mask already (Continuous
   Sparsification: its ticket ``[s > 0]``). Works inside ``jax.jit`` (``sparsity`` static).
 
@@ -194,7 +194,7 @@ def final_masks(params: PyTree, opt_state: Any, sparsity: float | None = None) -
     if sparsity:
       raise ValueError(f"final_masks: opt_state holds no sparsity method (dense training); "
                        f"it has no masks at sparsity={sparsity}")
-    return masks_lib.all_keep(params, masks_lib.prunable_tree(params))
+    return get_masks(opt_state, params)
   state = find_state(opt_state)
   return protocol(state).final_masks(state, params, sparsity)
 

@@ -58,5 +58,6 @@ def gmp(
   refresh = schedules.every_n_steps(frequency, begin_step, end_step + 1)
   if (end_step - begin_step) % frequency:  # off the grid: the last refresh reaches the target
     refresh = schedules.any_of(refresh, schedules.in_window(end_step, end_step + 1))
-  return scored_pruner(sparsity, refresh, fraction=schedules.fraction_of_target(sparsity_fn, sparsity),
+  return scored_pruner(sparsity, refresh,
+                       fraction=schedules.fraction_of_target(sparsity_fn, sparsity),
                        selection=selection)
